@@ -1,0 +1,268 @@
+// CPU implementation of rnn_layer and rnn_layer_backward (shapes in csrc/rnn.h).
+//
+// Forward: output = input @ [w_ih of all directions]^T + (b_ih + b_hh) as one GEMM, then per step
+// and direction output[t] = act(output[t] + h_{t-1} @ w_hh^T) in place. Only output is kept for
+// backward: the activation derivative is written in terms of it.
+//
+// Backward: per direction a walk against time builds grad_z (gradient of the pre-activation) in
+// one [N, D*H] buffer; the weight and input gradients are then a few GEMMs over all rows.
+#include "../rnn.h"
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace rnn_ext::cpu {
+
+namespace {
+
+bool is_low_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+std::vector<at::Tensor> to_float(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const auto& t : tensors) out.push_back(t.to(at::kFloat));
+  return out;
+}
+
+template <typename T>
+void copy_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t H) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * ld_dst, src + r * ld_src, H * sizeof(T));
+  }
+}
+
+template <typename T>
+void add_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t H) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < H; ++j) dst[r * ld_dst + j] += src[r * ld_src + j];
+  }
+}
+
+// One direction's recurrence over out, which already holds the input projection plus bias.
+//   hx [B, H], w_hh_t = w_hh^T [H, H], out [N, ld] (this direction's columns), h_n [B, H]
+template <typename T>
+void forward_direction(
+    const StepSchedule& steps, bool reverse, bool relu, int64_t H,
+    const T* hx, const T* w_hh_t, T* out, int64_t ld, T* h_n) {
+  const int64_t T_steps = steps.steps();
+  if (!reverse) {
+    for (int64_t t = 0; t < T_steps; ++t) {
+      const int64_t rows = steps.size(t);
+      T* h = out + steps.offset(t) * ld;
+      if (t == 0) {
+        gemm_acc(rows, H, H, hx, H, w_hh_t, H, h, ld);
+      } else {
+        gemm_acc(rows, H, H, out + steps.offset(t - 1) * ld, ld, w_hh_t, H, h, ld);
+      }
+      activate_rows(h, rows, H, ld, relu);
+      // Sequences that end at this step leave their last state in h_n.
+      const int64_t ending = steps.size_after(t);
+      copy_rows(h_n + ending * H, H, h + ending * ld, ld, rows - ending, H);
+    }
+    return;
+  }
+  // Reverse: each sequence starts at its own last step, from hx.
+  for (int64_t t = T_steps - 1; t >= 0; --t) {
+    const int64_t rows = steps.size(t);
+    const int64_t continuing = steps.size_after(t);
+    T* h = out + steps.offset(t) * ld;
+    if (continuing > 0) {
+      gemm_acc(continuing, H, H, out + steps.offset(t + 1) * ld, ld, w_hh_t, H, h, ld);
+    }
+    gemm_acc(rows - continuing, H, H, hx + continuing * H, H, w_hh_t, H, h + continuing * ld, ld);
+    activate_rows(h, rows, H, ld, relu);
+  }
+  if (T_steps > 0) {
+    copy_rows(h_n, H, out, ld, steps.size(0), H);
+  }
+}
+
+// One direction's walk against time. On entry grad_z holds grad_output; on exit, the gradient
+// of the pre-activation z_t = x_t w_ih^T + b + h_{t-1} w_hh^T.
+//   grad_h_n [B, H], out [N, ld], w_hh [H, H], grad_z [N, ld], grad_hx [B, H] (zeroed)
+template <typename T>
+void backward_direction(
+    const StepSchedule& steps, bool reverse, bool relu, int64_t H,
+    const T* grad_h_n, const T* out, const T* w_hh, T* grad_z, int64_t ld, T* grad_hx) {
+  const int64_t T_steps = steps.steps();
+  if (!reverse) {
+    for (int64_t t = T_steps - 1; t >= 0; --t) {
+      const int64_t rows = steps.size(t);
+      const int64_t continuing = steps.size_after(t);
+      T* g = grad_z + steps.offset(t) * ld;
+      // Rows that ended here received grad_h_n; the others the gradient flowing back from t + 1.
+      add_rows(g + continuing * ld, ld, grad_h_n + continuing * H, H, rows - continuing, H);
+      gemm_acc(continuing, H, H, grad_z + steps.offset(t + 1 < T_steps ? t + 1 : t) * ld, ld, w_hh, H, g, ld);
+      scale_by_activation_grad(g, out + steps.offset(t) * ld, rows, H, ld, relu);
+    }
+    if (T_steps > 0) {
+      gemm_acc(steps.size(0), H, H, grad_z, ld, w_hh, H, grad_hx, H);
+    }
+    return;
+  }
+  for (int64_t t = 0; t < T_steps; ++t) {
+    const int64_t rows = steps.size(t);
+    const int64_t continuing = steps.size_after(t);
+    T* g = grad_z + steps.offset(t) * ld;
+    if (t == 0) {
+      add_rows(g, ld, grad_h_n, H, rows, H);
+    } else {
+      gemm_acc(rows, H, H, grad_z + steps.offset(t - 1) * ld, ld, w_hh, H, g, ld);
+    }
+    scale_by_activation_grad(g, out + steps.offset(t) * ld, rows, H, ld, relu);
+    // Sequences that started (in reverse) at this step started from hx.
+    gemm_acc(rows - continuing, H, H, g + continuing * ld, ld, w_hh, H, grad_hx + continuing * H, H);
+  }
+}
+
+// The state each row's step started from, for grad_w_hh: [N, D*H], direction d in its columns.
+template <typename T>
+void gather_previous_states(
+    const StepSchedule& steps, bool reverse, int64_t H, const T* hx, const T* out, int64_t ld, T* h_prev) {
+  const int64_t T_steps = steps.steps();
+  for (int64_t t = 0; t < T_steps; ++t) {
+    const int64_t rows = steps.size(t);
+    T* dst = h_prev + steps.offset(t) * ld;
+    if (!reverse) {
+      if (t == 0) {
+        copy_rows(dst, ld, hx, H, rows, H);
+      } else {
+        copy_rows(dst, ld, out + steps.offset(t - 1) * ld, ld, rows, H);
+      }
+    } else {
+      const int64_t continuing = steps.size_after(t);
+      if (continuing > 0) {
+        copy_rows(dst, ld, out + steps.offset(t + 1) * ld, ld, continuing, H);
+      }
+      copy_rows(dst + continuing * ld, ld, hx + continuing * H, H, rows - continuing, H);
+    }
+  }
+}
+
+// Both directions run side by side on two threads when each step is too small for a threaded GEMM.
+template <typename F>
+void for_each_direction(const LayerSizes& s, F&& body) {
+  if (s.D > 1 && is_small_gemm(s.B, s.H, s.H)) {
+    at::parallel_for(0, s.D, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) body(d);
+    });
+  } else {
+    for (int64_t d = 0; d < s.D; ++d) body(d);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu) {
+  const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes);
+  if (is_low_precision(input)) {
+    // Like nn.RNN's CPU path for half/bfloat16, compute in float and round the results.
+    auto [output, h_n] = rnn_layer_cpu(input.to(at::kFloat), hx.to(at::kFloat), to_float(weights), batch_sizes, relu);
+    return {output.to(input.scalar_type()), h_n.to(input.scalar_type())};
+  }
+
+  auto output = at::empty({s.N, s.D * s.H}, input.options());
+  auto h_n = at::empty({s.D, s.B, s.H}, input.options());
+  if (s.N == 0) {
+    return {output, h_n};
+  }
+  const auto x = input.contiguous();
+  const auto w_ih = stacked_w_ih(weights, s);
+  const auto bias = stacked_bias(weights, s);
+  if (bias.defined()) {
+    at::addmm_out(output, bias, x, w_ih.t());
+  } else {
+    at::mm_out(output, x, w_ih.t());
+  }
+
+  const StepSchedule steps(batch_sizes, s.N, s.B);
+  const auto h0 = hx.contiguous();
+  std::vector<at::Tensor> w_hh_t(s.D);
+  for (int64_t d = 0; d < s.D; ++d) {
+    w_hh_t[d] = direction_weights(weights, d, s.has_bias).w_hh.t().contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu", [&] {
+    for_each_direction(s, [&](int64_t d) {
+      forward_direction<scalar_t>(
+          steps, d == 1, relu, s.H, h0[d].data_ptr<scalar_t>(), w_hh_t[d].data_ptr<scalar_t>(),
+          output.data_ptr<scalar_t>() + d * s.H, s.D * s.H, h_n[d].data_ptr<scalar_t>());
+    });
+  });
+  return {output, h_n};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
+    const at::Tensor& hx, at::TensorList weights, const std::optional<at::Tensor>& batch_sizes,
+    bool relu, const at::Tensor& output, std::array<bool, 3> output_mask) {
+  const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes);
+  check_backward_args(s, input, grad_output, grad_h_n, output);
+  if (is_low_precision(input)) {
+    auto [grad_input, grad_hx, grad_weights] = rnn_layer_backward_cpu(
+        grad_output.to(at::kFloat), grad_h_n.to(at::kFloat), input.to(at::kFloat), hx.to(at::kFloat),
+        to_float(weights), batch_sizes, relu, output.to(at::kFloat), output_mask);
+    const auto dtype = input.scalar_type();
+    for (auto& g : grad_weights) g = g.to(dtype);
+    return {grad_input.to(dtype), grad_hx.to(dtype), grad_weights};
+  }
+
+  const int64_t ld = s.D * s.H;
+  const StepSchedule steps(batch_sizes, s.N, s.B);
+  const auto out = output.contiguous();
+  const auto grad_last = grad_h_n.contiguous();
+  const auto h0 = hx.contiguous();
+  auto grad_z = at::empty({s.N, ld}, input.options());
+  grad_z.copy_(grad_output);
+  auto grad_hx = at::zeros({s.D, s.B, s.H}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
+    for_each_direction(s, [&](int64_t d) {
+      const auto w_hh = direction_weights(weights, d, s.has_bias).w_hh.contiguous();
+      backward_direction<scalar_t>(
+          steps, d == 1, relu, s.H, grad_last[d].data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + d * s.H,
+          w_hh.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>() + d * s.H, ld, grad_hx[d].data_ptr<scalar_t>());
+    });
+  });
+
+  at::Tensor grad_input = at::empty({0}, input.options());
+  if (output_mask[0]) {
+    grad_input = at::mm(grad_z, stacked_w_ih(weights, s));
+  }
+  if (!output_mask[1]) {
+    grad_hx = at::empty({0}, input.options());
+  }
+  std::vector<at::Tensor> grad_weights;
+  if (output_mask[2]) {
+    auto h_prev = at::empty({s.N, ld}, input.options());
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu_states", [&] {
+      for (int64_t d = 0; d < s.D; ++d) {
+        gather_previous_states<scalar_t>(
+            steps, d == 1, s.H, h0[d].data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + d * s.H, ld,
+            h_prev.data_ptr<scalar_t>() + d * s.H);
+      }
+    });
+    auto grad_w_hh = at::empty({s.D, s.H, s.H}, input.options());
+    for (int64_t d = 0; d < s.D; ++d) {
+      auto grad_w_hh_d = grad_w_hh[d];
+      at::mm_out(grad_w_hh_d, grad_z.narrow(1, d * s.H, s.H).t(), h_prev.narrow(1, d * s.H, s.H));
+    }
+    const auto grad_w_ih = at::mm(grad_z.t(), input.contiguous());
+    const auto grad_bias = s.has_bias ? grad_z.sum(0) : at::Tensor();
+    grad_weights = split_weight_grads(grad_w_ih, grad_w_hh, grad_bias, s);
+  }
+  return {grad_input, grad_hx, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
+  m.impl("rnn_layer", &rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+}
+
+}  // namespace rnn_ext::cpu

@@ -1,0 +1,200 @@
+// Op schemas (declared once, here), argument checks and the helpers every backend shares.
+// Backends only add implementations: csrc/cpu/rnn_cpu.cpp and csrc/cuda/rnn_cuda.cu.
+#include "rnn.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing rnn_ext._C runs the static registrations below; no Python bindings are needed.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(rnn_ext, m) {
+  // One layer, all of its directions (shapes in rnn.h). relu selects the activation (else tanh).
+  // Returns (output [N, D*H], h_n [D, B, H]).
+  m.def(
+      "rnn_layer(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, bool relu) "
+      "-> (Tensor, Tensor)");
+  // Gradients of rnn_layer from its saved input, hx, weights and output.
+  // output_mask says which of (grad_input, grad_hx, grad_weights) to compute; a skipped one is
+  // returned empty (shape [0], or an empty list).
+  m.def(
+      "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
+      "Tensor[] weights, Tensor? batch_sizes, bool relu, Tensor output, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor[])");
+}
+
+namespace rnn_ext {
+
+namespace {
+
+void check_same_kind(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(
+      t.scalar_type() == input.scalar_type(),
+      "rnn_ext: ", name, " must have the input's dtype ", input.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(
+      t.device() == input.device(),
+      "rnn_ext: ", name, " must be on the input's device ", input.device(), ", got ", t.device());
+}
+
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(
+      t.sizes() == expected, "rnn_ext: ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+void check_batch_sizes(const at::Tensor& batch_sizes, int64_t N, int64_t B) {
+  TORCH_CHECK(
+      batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong && batch_sizes.dim() == 1,
+      "rnn_ext: batch_sizes must be a 1-D int64 CPU tensor, got ", batch_sizes.dim(), "-D ",
+      batch_sizes.scalar_type(), " on ", batch_sizes.device());
+  const auto sizes = batch_sizes.contiguous();
+  const int64_t* data = sizes.data_ptr<int64_t>();
+  const int64_t T = sizes.numel();
+  TORCH_CHECK(T > 0, "rnn_ext: batch_sizes must not be empty");
+  TORCH_CHECK(
+      data[0] == B, "rnn_ext: batch_sizes[0] must equal the batch size of hx (", B, "), got ", data[0]);
+  int64_t total = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(data[t] > 0, "rnn_ext: batch_sizes[", t, "] must be positive, got ", data[t]);
+    TORCH_CHECK(
+        t == 0 || data[t] <= data[t - 1], "rnn_ext: batch_sizes must be non-increasing, got batch_sizes[",
+        t - 1, "] = ", data[t - 1], " < batch_sizes[", t, "] = ", data[t]);
+    total += data[t];
+  }
+  TORCH_CHECK(
+      total == N, "rnn_ext: sum(batch_sizes) must equal the number of input rows (", N, "), got ", total);
+}
+
+}  // namespace
+
+StepSchedule::StepSchedule(const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B) {
+  if (batch_sizes.has_value()) {
+    const auto sizes = batch_sizes->contiguous();
+    const int64_t* data = sizes.data_ptr<int64_t>();
+    sizes_.assign(data, data + sizes.numel());
+  } else if (B > 0) {
+    sizes_.assign(N / B, B);
+  }
+  offsets_.resize(sizes_.size());
+  int64_t offset = 0;
+  for (size_t t = 0; t < sizes_.size(); ++t) {
+    offsets_[t] = offset;
+    offset += sizes_[t];
+  }
+}
+
+LayerSizes check_layer_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes) {
+  TORCH_CHECK(input.dim() == 2, "rnn_ext: input must be 2-D [rows, input_size], got ", input.dim(), "-D");
+  TORCH_CHECK(
+      at::isFloatingType(input.scalar_type()),
+      "rnn_ext: input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(hx.dim() == 3, "rnn_ext: hx must be 3-D [directions, batch, hidden_size], got ", hx.dim(), "-D");
+  check_same_kind(hx, "hx", input);
+
+  LayerSizes s;
+  s.N = input.size(0);
+  s.I = input.size(1);
+  s.D = hx.size(0);
+  s.B = hx.size(1);
+  s.H = hx.size(2);
+  TORCH_CHECK(s.D == 1 || s.D == 2, "rnn_ext: hx.size(0) (directions) must be 1 or 2, got ", s.D);
+  const int64_t n = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(
+      n == 2 * s.D || n == 4 * s.D, "rnn_ext: weights must hold 2 (no bias) or 4 tensors per direction, got ",
+      n, " for ", s.D, " direction(s)");
+  s.has_bias = n == 4 * s.D;
+
+  const int64_t per_direction = s.has_bias ? 4 : 2;
+  for (int64_t d = 0; d < s.D; ++d) {
+    for (int64_t k = 0; k < per_direction; ++k) {
+      check_same_kind(weights[d * per_direction + k], "each weight", input);
+    }
+    const auto w = direction_weights(weights, d, s.has_bias);
+    check_shape(w.w_ih, "w_ih", {s.H, s.I});
+    check_shape(w.w_hh, "w_hh", {s.H, s.H});
+    if (s.has_bias) {
+      check_shape(w.b_ih, "b_ih", {s.H});
+      check_shape(w.b_hh, "b_hh", {s.H});
+    }
+  }
+
+  if (batch_sizes.has_value()) {
+    check_batch_sizes(*batch_sizes, s.N, s.B);
+  } else {
+    TORCH_CHECK(
+        s.B == 0 ? s.N == 0 : s.N % s.B == 0, "rnn_ext: dense input rows (", s.N,
+        ") must be a multiple of the batch size of hx (", s.B, ")");
+  }
+  return s;
+}
+
+void check_backward_args(
+    const LayerSizes& sizes,
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    const at::Tensor& grad_h_n,
+    const at::Tensor& output) {
+  check_same_kind(grad_output, "grad_output", input);
+  check_same_kind(grad_h_n, "grad_h_n", input);
+  check_same_kind(output, "output", input);
+  check_shape(grad_output, "grad_output", {sizes.N, sizes.D * sizes.H});
+  check_shape(output, "output", {sizes.N, sizes.D * sizes.H});
+  check_shape(grad_h_n, "grad_h_n", {sizes.D, sizes.B, sizes.H});
+}
+
+DirectionWeights direction_weights(at::TensorList weights, int64_t d, bool has_bias) {
+  const int64_t base = d * (has_bias ? 4 : 2);
+  DirectionWeights w;
+  w.w_ih = weights[base];
+  w.w_hh = weights[base + 1];
+  if (has_bias) {
+    w.b_ih = weights[base + 2];
+    w.b_hh = weights[base + 3];
+  }
+  return w;
+}
+
+at::Tensor stacked_w_ih(at::TensorList weights, const LayerSizes& sizes) {
+  if (sizes.D == 1) {
+    return weights[0];
+  }
+  return at::cat({weights[0], direction_weights(weights, 1, sizes.has_bias).w_ih}, 0);
+}
+
+at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
+  if (!sizes.has_bias) {
+    return at::Tensor();
+  }
+  std::vector<at::Tensor> biases;
+  for (int64_t d = 0; d < sizes.D; ++d) {
+    const auto w = direction_weights(weights, d, true);
+    biases.push_back(w.b_ih + w.b_hh);
+  }
+  return sizes.D == 1 ? biases[0] : at::cat(biases, 0);
+}
+
+std::vector<at::Tensor> split_weight_grads(
+    const at::Tensor& grad_w_ih,
+    const at::Tensor& grad_w_hh,
+    const at::Tensor& grad_bias,
+    const LayerSizes& sizes) {
+  std::vector<at::Tensor> grads;
+  for (int64_t d = 0; d < sizes.D; ++d) {
+    grads.push_back(grad_w_ih.narrow(0, d * sizes.H, sizes.H).contiguous());
+    grads.push_back(grad_w_hh[d].contiguous());
+    if (sizes.has_bias) {
+      auto grad_b = grad_bias.narrow(0, d * sizes.H, sizes.H);
+      grads.push_back(grad_b.clone());  // b_ih and b_hh get equal, but separate, gradients
+      grads.push_back(grad_b.clone());
+    }
+  }
+  return grads;
+}
+
+}  // namespace rnn_ext

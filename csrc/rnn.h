@@ -1,0 +1,76 @@
+// Shared declarations of the rnn_ext ops: shapes, argument checks, time-step schedule.
+//
+// Shapes, used throughout csrc/:
+//   T  time steps         B  batch rows at step 0      N  total rows = sum(batch_sizes) (T*B when dense)
+//   I  input features     H  hidden features           D  directions (1, or 2 when bidirectional)
+//
+//   input        [N, I]     time-major rows: step t owns rows [offset(t), offset(t) + size(t))
+//   hx           [D, B, H]
+//   weights      per direction d, in nn.RNN's order: w_ih [H, I], w_hh [H, H], then b_ih [H], b_hh [H] if biased
+//   batch_sizes  [T] int64 on the CPU, non-increasing, batch_sizes[0] == B (absent: dense, every step has B rows)
+//   output       [N, D*H]   direction d in columns [d*H, (d+1)*H)
+//   h_n          [D, B, H]
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+namespace rnn_ext {
+
+struct LayerSizes {
+  int64_t N, B, I, H, D;
+  bool has_bias;
+};
+
+// The weights of one direction; biases are undefined tensors when the layer has none.
+struct DirectionWeights {
+  at::Tensor w_ih, w_hh, b_ih, b_hh;
+};
+
+// Which rows each time step owns in the time-major [N, ...] layout.
+class StepSchedule {
+ public:
+  StepSchedule(const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B);
+  int64_t steps() const { return static_cast<int64_t>(sizes_.size()); }
+  int64_t size(int64_t t) const { return sizes_[t]; }
+  int64_t offset(int64_t t) const { return offsets_[t]; }
+  // Rows at step t+1 (0 past the last step): rows [size_after(t), size(t)) end at step t.
+  int64_t size_after(int64_t t) const { return t + 1 < steps() ? sizes_[t + 1] : 0; }
+
+ private:
+  std::vector<int64_t> sizes_;
+  std::vector<int64_t> offsets_;
+};
+
+// Checks dtypes, devices and shapes of a layer's arguments; returns its sizes.
+LayerSizes check_layer_args(
+    const at::Tensor& input,
+    const at::Tensor& hx,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes);
+
+// Checks grad_output [N, D*H], grad_h_n [D, B, H] and output [N, D*H] against the layer's sizes.
+void check_backward_args(
+    const LayerSizes& sizes,
+    const at::Tensor& input,
+    const at::Tensor& grad_output,
+    const at::Tensor& grad_h_n,
+    const at::Tensor& output);
+
+DirectionWeights direction_weights(at::TensorList weights, int64_t d, bool has_bias);
+
+// Input-projection weights of all directions stacked: [D*H, I].
+at::Tensor stacked_w_ih(at::TensorList weights, const LayerSizes& sizes);
+// b_ih + b_hh of all directions stacked: [D*H]; undefined when the layer has no bias.
+at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
+
+// Splits the stacked weight gradients ([D*H, I], [D, H, H], [D*H]) back into nn.RNN's per-direction list.
+std::vector<at::Tensor> split_weight_grads(
+    const at::Tensor& grad_w_ih,
+    const at::Tensor& grad_w_hh,
+    const at::Tensor& grad_bias,
+    const LayerSizes& sizes);
+
+}  // namespace rnn_ext

@@ -1,0 +1,80 @@
+"""Builds rnn_ext._C: the CPU kernels always, the CUDA kernels when FORCE_CUDA=1 or a GPU is visible.
+
+Environment:
+  FORCE_CUDA=1            build the CUDA kernels even without a visible GPU (CI, build boxes)
+  TORCH_CUDA_ARCH_LIST    GPU architectures to compile for, e.g. "8.0;9.0" (needed without a GPU)
+  CUDA_HOME               CUDA toolkit root (e.g. /usr/local/cuda)
+  DEBUG=1                 -O0 -g instead of -O3
+  SANITIZE=1              AddressSanitizer + UndefinedBehaviorSanitizer (CPU sources; use with DEBUG=1)
+  MAX_JOBS                parallel compile jobs (honoured by torch's ninja build)
+"""
+import glob
+import os
+import site
+import sys
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if env_flag("FORCE_CUDA"):
+        if torch.version.cuda is None:
+            sys.exit("FORCE_CUDA=1 needs a CUDA build of torch; this torch is CPU-only")
+        return True
+    return torch.cuda.is_available() and torch.version.cuda is not None
+
+
+def pip_cuda_include_dirs():
+    """Headers of pip-installed CUDA libraries (cublas_v2.h, cusparse.h, ...), which
+    ATen/cuda/CUDAContext.h includes but a bare toolkit may lack."""
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))
+    found = []
+    for root in roots:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            for path in sorted(glob.glob(os.path.join(root, pattern))):
+                if os.path.isdir(path) and path not in found:
+                    found.append(path)
+    return found
+
+
+def extension():
+    debug = env_flag("DEBUG")
+    sanitize = env_flag("SANITIZE")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-ffp-contract=fast", "-fvisibility=hidden"]
+    link_flags = []
+    if sanitize:
+        cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        link_flags += ["-fsanitize=address,undefined"]
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    kwargs = dict(
+        name="rnn_ext._C",
+        sources=sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+        py_limited_api=False,
+    )
+    if not want_cuda():
+        return CppExtension(**kwargs)
+
+    kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
+    kwargs["extra_compile_args"]["nvcc"] = ["-O0", "-g"] if debug else ["-O3"]
+    kwargs["include_dirs"] = pip_cuda_include_dirs()
+    kwargs["define_macros"] = [("RNN_EXT_WITH_CUDA", "1")]
+    return CUDAExtension(**kwargs)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
