@@ -181,17 +181,19 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
 
 std::vector<at::Tensor> split_weight_grads(
     const at::Tensor& grad_w_ih,
-    const at::Tensor& grad_w_hh,
+    const std::vector<at::Tensor>& grad_w_hh,
     const at::Tensor& grad_bias,
     const LayerSizes& sizes) {
+  // Each returned gradient owns its memory: op outputs must not alias one another.
+  const auto own = [&](const at::Tensor& part) { return sizes.D == 1 ? part.contiguous() : part.clone(); };
   std::vector<at::Tensor> grads;
   for (int64_t d = 0; d < sizes.D; ++d) {
-    grads.push_back(grad_w_ih.narrow(0, d * sizes.H, sizes.H).contiguous());
-    grads.push_back(grad_w_hh[d].contiguous());
+    grads.push_back(own(grad_w_ih.narrow(0, d * sizes.H, sizes.H)));
+    grads.push_back(grad_w_hh[d]);
     if (sizes.has_bias) {
-      auto grad_b = grad_bias.narrow(0, d * sizes.H, sizes.H);
+      const auto grad_b = grad_bias.narrow(0, d * sizes.H, sizes.H);
+      grads.push_back(own(grad_b));
       grads.push_back(grad_b.clone());  // b_ih and b_hh get equal, but separate, gradients
-      grads.push_back(grad_b.clone());
     }
   }
   return grads;

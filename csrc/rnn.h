@@ -66,10 +66,11 @@ at::Tensor stacked_w_ih(at::TensorList weights, const LayerSizes& sizes);
 // b_ih + b_hh of all directions stacked: [D*H]; undefined when the layer has no bias.
 at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 
-// Splits the stacked weight gradients ([D*H, I], [D, H, H], [D*H]) back into nn.RNN's per-direction list.
+// Splits the stacked weight gradients (grad_w_ih [D*H, I], grad_w_hh D x [H, H], grad_bias [D*H])
+// into nn.RNN's per-direction list, each gradient in memory of its own.
 std::vector<at::Tensor> split_weight_grads(
     const at::Tensor& grad_w_ih,
-    const at::Tensor& grad_w_hh,
+    const std::vector<at::Tensor>& grad_w_hh,
     const at::Tensor& grad_bias,
     const LayerSizes& sizes);
 

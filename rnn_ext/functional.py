@@ -54,6 +54,8 @@ def rnn(
         if batch_first:
             input = input.transpose(0, 1)
         seq_len, batch = input.shape[0], input.shape[1]
+        if seq_len == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         x = input.reshape(seq_len * batch, input.shape[2])
     else:
         x = input

@@ -246,10 +246,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
             h_prev.data_ptr<scalar_t>() + d * s.H);
       }
     });
-    auto grad_w_hh = at::empty({s.D, s.H, s.H}, input.options());
+    std::vector<at::Tensor> grad_w_hh;
     for (int64_t d = 0; d < s.D; ++d) {
-      auto grad_w_hh_d = grad_w_hh[d];
-      at::mm_out(grad_w_hh_d, grad_z.narrow(1, d * s.H, s.H).t(), h_prev.narrow(1, d * s.H, s.H));
+      grad_w_hh.push_back(at::mm(grad_z.narrow(1, d * s.H, s.H).t(), h_prev.narrow(1, d * s.H, s.H)));
     }
     const auto grad_w_ih = at::mm(grad_z.t(), input.contiguous());
     const auto grad_bias = s.has_bias ? grad_z.sum(0) : at::Tensor();

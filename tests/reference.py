@@ -1,0 +1,74 @@
+"""The two references every test compares against: a plain PyTorch loop, and torch.nn.RNN."""
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnn_ext
+
+
+def reference_rnn(x, hx, weights, *, num_layers, nonlinearity="tanh", bias=True, bidirectional=False, lengths=None):
+    """The Elman recurrence written out step by step, one sequence at a time.
+
+    x: [L, B, I] padded, time-major; hx: [num_layers * D, B, H]; weights in nn.RNN's flat order;
+    lengths: real length of each sequence (default: all L). Returns (output [L, B, D*H] with zeros
+    past each sequence's end, h_n [num_layers * D, B, H]).
+    """
+    act = torch.tanh if nonlinearity == "tanh" else torch.relu
+    seq_len, batch, _ = x.shape
+    lengths = [seq_len] * batch if lengths is None else list(lengths)
+    directions = 2 if bidirectional else 1
+    per_direction = 4 if bias else 2
+    layer_input = x
+    h_n = []
+    for layer in range(num_layers):
+        direction_outputs = []
+        for d in range(directions):
+            w = weights[(layer * directions + d) * per_direction :][:per_direction]
+            w_ih, w_hh = w[0], w[1]
+            sequences = []
+            for b in range(batch):
+                h = hx[layer * directions + d, b]
+                steps = range(lengths[b]) if d == 0 else reversed(range(lengths[b]))
+                states = {}
+                for t in steps:
+                    z = layer_input[t, b] @ w_ih.T + h @ w_hh.T
+                    if bias:
+                        z = z + w[2] + w[3]
+                    h = act(z)
+                    states[t] = h
+                pad = torch.zeros_like(h)
+                sequences.append((torch.stack([states.get(t, pad) for t in range(seq_len)]), h))
+            direction_outputs.append(torch.stack([s for s, _ in sequences], 1))
+            h_n.append(torch.stack([h for _, h in sequences], 0))
+        layer_input = torch.cat(direction_outputs, -1)
+    return layer_input, torch.stack(h_n, 0)
+
+
+def make_pair(input_size, hidden_size, dtype=torch.float64, device="cpu", **kwargs):
+    """(rnn_ext.RNN, torch.nn.RNN) with identical weights."""
+    ours = rnn_ext.RNN(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    theirs = torch.nn.RNN(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def outputs_and_grads(module, input, hx, grad_output, grad_h_n):
+    """Output, h_n, and the gradients of input, hx and every parameter for given upstream grads."""
+    output, h_n = module(input, hx) if hx is not None else module(input)
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        output = output.data
+    wrt = [t for t in (input, hx) if t is not None and t.requires_grad] + list(module.parameters())
+    loss = (output * grad_output).sum() + (h_n * grad_h_n).sum()
+    grads = torch.autograd.grad(loss, wrt)
+    return output, h_n, grads
+
+
+def packed_batch(lengths, input_size, dtype=torch.float64, enforce_sorted=False, batch_first=False, seed=0):
+    """A padded batch with the given lengths and its PackedSequence (data requires grad)."""
+    generator = torch.Generator().manual_seed(seed)
+    seq_len = max(lengths)
+    padded = torch.randn(seq_len, len(lengths), input_size, dtype=dtype, generator=generator)
+    if batch_first:
+        padded = padded.transpose(0, 1).contiguous()
+    packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce_sorted)
+    data = packed.data.detach().requires_grad_()
+    return padded, type(packed)(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)

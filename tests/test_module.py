@@ -1,0 +1,231 @@
+"""rnn_ext.RNN against torch.nn.RNN (same weights) and against the plain reference loop."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import rnn_ext
+from reference import make_pair, outputs_and_grads, reference_rnn
+
+GRID = list(
+    itertools.product(
+        [1, 2, 3],  # num_layers
+        [False, True],  # bidirectional
+        ["tanh", "relu"],
+        [True, False],  # bias
+        [False, True],  # batch_first
+        [True, False],  # hx given
+        [torch.float32, torch.float64],
+    )
+)
+
+
+def grid_id(params):
+    layers, bidir, act, bias, batch_first, with_hx, dtype = params
+    return f"L{layers}-{'bi' if bidir else 'uni'}-{act}-{'bias' if bias else 'nobias'}-" \
+        f"{'bf' if batch_first else 'tf'}-{'hx' if with_hx else 'nohx'}-{str(dtype)[6:]}"
+
+
+def assert_all_close(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
+        if isinstance(a, (tuple, list)):
+            assert_all_close(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("params", GRID, ids=[grid_id(p) for p in GRID])
+def test_parity_with_nn_rnn(params):
+    layers, bidir, act, bias, batch_first, with_hx, dtype = params
+    torch.manual_seed(0)
+    seq_len, batch, input_size, hidden = 5, 3, 4, 6
+    ours, theirs = make_pair(
+        input_size, hidden, dtype=dtype, num_layers=layers, nonlinearity=act, bias=bias,
+        batch_first=batch_first, bidirectional=bidir,
+    )
+    directions = 2 if bidir else 1
+    shape = (batch, seq_len, input_size) if batch_first else (seq_len, batch, input_size)
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    hx = torch.randn(layers * directions, batch, hidden, dtype=dtype, requires_grad=True) if with_hx else None
+    out_shape = shape[:2] + (directions * hidden,)
+    grad_output = torch.randn(out_shape, dtype=dtype)
+    grad_h_n = torch.randn(layers * directions, batch, hidden, dtype=dtype)
+
+    ours_result = outputs_and_grads(ours, x, hx, grad_output, grad_h_n)
+    theirs_result = outputs_and_grads(theirs, x, hx, grad_output, grad_h_n)
+    assert ours_result[0].shape == out_shape
+    assert_all_close(ours_result, theirs_result)
+
+
+@pytest.mark.parametrize("bidir", [False, True])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_loop(bidir, act, bias):
+    torch.manual_seed(1)
+    layers, seq_len, batch, input_size, hidden = 2, 6, 3, 5, 4
+    model = rnn_ext.RNN(input_size, hidden, layers, act, bias, bidirectional=bidir, dtype=torch.float64)
+    directions = 2 if bidir else 1
+    x = torch.randn(seq_len, batch, input_size, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(layers * directions, batch, hidden, dtype=torch.float64, requires_grad=True)
+    weights = list(model.parameters())
+    out, h_n = model(x, hx)
+    ref_out, ref_h_n = reference_rnn(x, hx, weights, num_layers=layers, nonlinearity=act, bias=bias, bidirectional=bidir)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h_n, ref_h_n)
+    g, gh = torch.randn_like(out), torch.randn_like(h_n)
+    ours = torch.autograd.grad((out * g).sum() + (h_n * gh).sum(), [x, hx, *weights])
+    ref = torch.autograd.grad((ref_out * g).sum() + (ref_h_n * gh).sum(), [x, hx, *weights])
+    assert_all_close(ours, ref)
+
+
+def test_gradcheck_through_module():
+    torch.manual_seed(2)
+    model = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    hx = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    params = list(model.parameters())
+
+    def run(x, hx, *weights):
+        out, h_n = rnn_ext.rnn(x, hx, weights, num_layers=2, bidirectional=True)
+        return out, h_n
+
+    assert torch.autograd.gradcheck(run, (x, hx, *params))
+
+
+# -- the nn.RNN contract: constructor, attributes, parameters, state_dict -------------------------
+
+
+def test_constructor_and_attributes_match():
+    args = (3, 5, 2, "relu", False, True, 0.25, True)
+    ours = rnn_ext.RNN(*args)
+    theirs = nn.RNN(*args)
+    for name in ("mode", "nonlinearity", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                 "dropout", "bidirectional", "proj_size"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert [[p.shape for p in ws] for ws in ours.all_weights] == [[p.shape for p in ws] for ws in theirs.all_weights]
+    assert repr(ours).replace("RNN", "X") == repr(theirs).replace("RNN", "X")
+    ours.flatten_parameters()
+
+
+def test_keyword_construction_device_dtype():
+    model = rnn_ext.RNN(input_size=2, hidden_size=3, batch_first=True, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.extra_repr() == "2, 3, batch_first=True"
+
+
+def test_init_is_uniform_in_bound():
+    torch.manual_seed(0)
+    hidden = 16
+    model = rnn_ext.RNN(8, hidden, num_layers=2)
+    bound = 1 / hidden**0.5
+    for p in model.parameters():
+        assert p.abs().max() <= bound
+        assert p.abs().max() > 0.8 * bound  # spread over the range, not a constant
+
+
+def test_state_dict_round_trip_both_ways():
+    torch.manual_seed(0)
+    theirs = nn.RNN(3, 4, num_layers=2, bidirectional=True)
+    ours = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x), theirs(x))
+    back = nn.RNN(3, 4, num_layers=2, bidirectional=True)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(back(x), theirs(x))
+
+
+def test_module_moves_and_converts():
+    model = rnn_ext.RNN(3, 4).double()
+    x = torch.randn(2, 1, 3, dtype=torch.float64)
+    out, _ = model(x)
+    assert out.dtype == torch.float64
+
+
+# -- input forms -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_unbatched_input(batch_first, with_hx):
+    torch.manual_seed(3)
+    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    hx = torch.randn(4, 4, dtype=torch.float64) if with_hx else None
+    args = (x, hx) if with_hx else (x,)
+    out, h_n = ours(*args)
+    ref_out, ref_h_n = theirs(*args)
+    assert out.shape == ref_out.shape == (5, 8)
+    assert h_n.shape == ref_h_n.shape == (4, 4)
+    torch.testing.assert_close((out, h_n), (ref_out, ref_h_n))
+
+
+def test_non_contiguous_input_and_hx():
+    torch.manual_seed(4)
+    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 5, dtype=torch.float64)[:, ::2, 1:4].requires_grad_()  # [3, 3, 3] strided
+    hx = torch.randn(3, 4, 4, dtype=torch.float64).transpose(0, 1).requires_grad_()  # [4, 3, 4]
+    assert not x.is_contiguous() and not hx.is_contiguous()
+    g, gh = torch.randn(3, 3, 8, dtype=torch.float64), torch.randn(4, 3, 4, dtype=torch.float64)
+    assert_all_close(outputs_and_grads(ours, x, hx, g, gh), outputs_and_grads(theirs, x, hx, g, gh))
+
+
+def test_empty_batch():
+    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
+    out, h_n = ours(x)
+    ref_out, ref_h_n = theirs(x)
+    assert out.shape == ref_out.shape and h_n.shape == ref_h_n.shape
+    (out.sum() + h_n.sum()).backward()
+    assert x.grad.shape == x.shape
+
+
+def test_sequence_length_one():
+    torch.manual_seed(5)
+    ours, theirs = make_pair(3, 4, num_layers=3, bidirectional=True)
+    x = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    g, gh = torch.randn(1, 2, 8, dtype=torch.float64), torch.randn(6, 2, 4, dtype=torch.float64)
+    assert_all_close(outputs_and_grads(ours, x, None, g, gh), outputs_and_grads(theirs, x, None, g, gh))
+
+
+def test_low_precision_cpu_close_to_float32():
+    """bfloat16/float16 on the CPU compute in float32 and round the result: compare with a float32
+    run of the same (rounded) weights. Tolerance: a few bfloat16 ulps (2^-8 relative) of values ≤ 1."""
+    torch.manual_seed(6)
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        model = rnn_ext.RNN(8, 16, num_layers=2).to(dtype)
+        reference = rnn_ext.RNN(8, 16, num_layers=2)
+        reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        x = torch.randn(10, 4, 8).to(dtype)
+        out, h_n = model(x)
+        ref_out, ref_h_n = reference(x.float())
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref_out, atol=tol, rtol=tol)
+        torch.testing.assert_close(h_n.float(), ref_h_n, atol=tol, rtol=tol)
+        theirs = nn.RNN(8, 16, num_layers=2).to(dtype)
+        theirs.load_state_dict(model.state_dict())
+        torch.testing.assert_close(theirs(x)[0].float(), ref_out, atol=4 * tol, rtol=4 * tol)
+
+
+def test_dropout_only_in_training_and_matches_nn_rnn_mask():
+    torch.manual_seed(7)
+    ours, theirs = make_pair(3, 4, num_layers=3, dropout=0.5)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours.train(), theirs.train()
+    torch.manual_seed(11)
+    out_a, _ = ours(x)
+    torch.manual_seed(11)
+    out_b, _ = ours(x)
+    torch.manual_seed(12)
+    out_c, _ = ours(x)
+    torch.testing.assert_close(out_a, out_b)
+    assert not torch.allclose(out_a, out_c)
+    # nn.RNN draws its masks on the same [L*B, D*H] elements in the same order.
+    torch.manual_seed(11)
+    torch.testing.assert_close(out_a, theirs(x)[0])
