@@ -55,7 +55,7 @@ def outputs_and_grads(module, input, hx, grad_output, grad_h_n):
     """Output, h_n, and the gradients of input, hx and every parameter for given upstream grads."""
     output, h_n = module(input, hx) if hx is not None else module(input)
     if isinstance(output, torch.nn.utils.rnn.PackedSequence):
-        output = output.data
+        output, input = output.data, input.data
     wrt = [t for t in (input, hx) if t is not None and t.requires_grad] + list(module.parameters())
     loss = (output * grad_output).sum() + (h_n * grad_h_n).sum()
     grads = torch.autograd.grad(loss, wrt)
