@@ -13,11 +13,13 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(rnn_ext, m) {
   // One layer, all of its directions (shapes in rnn.h). relu selects the activation (else tanh).
-  // Returns (output [N, D*H], h_n [D, B, H]).
+  // The reverse direction's weights are given for a bidirectional layer (hx.size(0) == 2), the
+  // biases when the layer has them. Returns (output [N, D*H], h_n [D, B, H]).
   m.def(
-      "rnn_layer(Tensor input, Tensor hx, Tensor[] weights, Tensor? batch_sizes, bool relu) "
-      "-> (Tensor, Tensor)");
-  // Gradients of rnn_layer from its saved input, hx, weights and output.
+      "rnn_layer(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? w_ih_reverse, Tensor? w_hh_reverse, Tensor? b_ih_reverse, Tensor? b_hh_reverse, "
+      "Tensor? batch_sizes, bool relu) -> (Tensor, Tensor)");
+  // Gradients of rnn_layer from its saved input, hx, weights (nn.RNN's flat list) and output.
   // output_mask says which of (grad_input, grad_hx, grad_weights) to compute; a skipped one is
   // returned empty (shape [0], or an empty list).
   m.def(
@@ -146,6 +148,28 @@ void check_backward_args(
   check_shape(grad_output, "grad_output", {sizes.N, sizes.D * sizes.H});
   check_shape(output, "output", {sizes.N, sizes.D * sizes.H});
   check_shape(grad_h_n, "grad_h_n", {sizes.D, sizes.B, sizes.H});
+}
+
+std::vector<at::Tensor> flat_weights(
+    const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse) {
+  const bool has_bias = b_ih.has_value();
+  const bool bidirectional = w_ih_reverse.has_value();
+  TORCH_CHECK(b_hh.has_value() == has_bias, "rnn_ext: b_ih and b_hh must be given together");
+  TORCH_CHECK(
+      w_hh_reverse.has_value() == bidirectional, "rnn_ext: w_ih_reverse and w_hh_reverse must be given together");
+  TORCH_CHECK(
+      b_ih_reverse.has_value() == (bidirectional && has_bias) && b_hh_reverse.has_value() == b_ih_reverse.has_value(),
+      "rnn_ext: the reverse direction's biases must be given exactly when it exists and the forward one has biases");
+  std::vector<at::Tensor> weights{w_ih, w_hh};
+  if (has_bias) weights.insert(weights.end(), {*b_ih, *b_hh});
+  if (bidirectional) {
+    weights.insert(weights.end(), {*w_ih_reverse, *w_hh_reverse});
+    if (has_bias) weights.insert(weights.end(), {*b_ih_reverse, *b_hh_reverse});
+  }
+  return weights;
 }
 
 DirectionWeights direction_weights(at::TensorList weights, int64_t d, bool has_bias) {

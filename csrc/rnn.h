@@ -74,4 +74,30 @@ std::vector<at::Tensor> split_weight_grads(
     const at::Tensor& grad_bias,
     const LayerSizes& sizes);
 
+// rnn_layer takes its weights as separate arguments (w_ih, w_hh, b_ih?, b_hh?, then the same four
+// of the reverse direction, all optional), so that its Python autograd layer handles no lists.
+// Returns them as nn.RNN's flat list (per direction: w_ih, w_hh[, b_ih, b_hh]).
+std::vector<at::Tensor> flat_weights(
+    const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse);
+
+using LayerImpl = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu);
+
+// Adapts a backend's list-based forward to rnn_layer's schema: m.impl("rnn_layer", &rnn_layer_entry<&impl>).
+template <LayerImpl impl>
+std::tuple<at::Tensor, at::Tensor> rnn_layer_entry(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
+    const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
+    const std::optional<at::Tensor>& batch_sizes, bool relu) {
+  const auto weights =
+      flat_weights(w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse);
+  return impl(input, hx, weights, batch_sizes, relu);
+}
+
 }  // namespace rnn_ext

@@ -1,26 +1,57 @@
 """Python side of the compiled ops: fake kernels for tracing, and autograd.
 
-``torch.ops.rnn_ext.rnn_layer(input, hx, weights, batch_sizes, relu) -> (output, h_n)`` runs one
-layer (every direction) of the recurrence; shapes are documented in ``csrc/rnn.h``:
+``torch.ops.rnn_ext.rnn_layer`` runs one layer (every direction) of the recurrence; shapes are
+documented in ``csrc/rnn.h``:
 
     input        [N, I]      time-major rows (N = T*B dense, or sum(batch_sizes) packed)
     hx           [D, B, H]
-    weights      per direction: w_ih [H, I], w_hh [H, H], (b_ih [H], b_hh [H])
+    w_ih [H, I], w_hh [H, H], b_ih [H]?, b_hh [H]?, then the same four ``*_reverse`` when D == 2
     batch_sizes  [T] int64 CPU tensor, or None for dense input
-    output       [N, D*H],   h_n [D, B, H]
+    -> output    [N, D*H],   h_n [D, B, H]
 
-``rnn_layer_backward`` is its gradient, itself a registered op so that compiled graphs can hold it.
+The weights are separate arguments rather than a list so that autograd needs no list handling
+(that costs more than the whole kernel on small shapes). ``rnn_layer_backward`` is its gradient,
+itself a registered op so that compiled graphs can hold it; it takes the weights as nn.RNN's flat
+list.
 """
 import torch
 
 from . import _C  # noqa: F401  (importing the extension registers the ops)
 
-rnn_layer = torch.ops.rnn_ext.rnn_layer.default
+_rnn_layer = torch.ops.rnn_ext.rnn_layer.default
 rnn_layer_backward = torch.ops.rnn_ext.rnn_layer_backward.default
+
+_NUM_WEIGHT_ARGS = 8  # w_ih, w_hh, b_ih, b_hh and the same four of the reverse direction
+
+
+def layer_args(input, hx, weights, batch_sizes, relu):
+    """rnn_layer's arguments for a layer's weights given as nn.RNN's flat list (2 or 4 per direction)."""
+    weights = list(weights)
+    directions = hx.shape[0] if hx.dim() == 3 else 1
+    if directions not in (1, 2) or len(weights) not in (2 * directions, 4 * directions):
+        raise RuntimeError(
+            f"rnn_ext: weights must hold 2 (no bias) or 4 tensors per direction, got {len(weights)} "
+            f"for hx.size(0) = {directions} direction(s)"
+        )
+    per_direction = len(weights) // directions
+    slots = []
+    for d in range(2):
+        w = weights[d * per_direction : (d + 1) * per_direction]
+        slots += w + [None] * (4 - len(w))
+    return (input, hx, *slots, batch_sizes, relu)
+
+
+def rnn_layer(input, hx, weights, batch_sizes, relu):
+    """One layer of the recurrence with its weights as nn.RNN's flat list; returns (output, h_n)."""
+    return _rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu))
+
+
+def _present(weight_args):
+    return [w for w in weight_args if w is not None]
 
 
 @torch.library.register_fake("rnn_ext::rnn_layer")
-def _rnn_layer_fake(input, hx, weights, batch_sizes, relu):
+def _rnn_layer_fake(input, hx, *args):
     torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
     torch._check(hx.dim() == 3, lambda: f"rnn_ext: hx must be 3-D, got {hx.dim()}-D")
     directions, batch, hidden = hx.shape
@@ -38,27 +69,28 @@ def _rnn_layer_backward_fake(grad_output, grad_h_n, input, hx, weights, batch_si
 
 
 def _setup_context(ctx, inputs, output):
-    input, hx, weights, batch_sizes, relu = inputs
+    input, hx, *weight_args, batch_sizes, relu = inputs
     layer_output, _ = output
     ctx.relu = relu
-    ctx.save_for_backward(input, hx, layer_output, batch_sizes, *weights)
+    ctx.present = [w is not None for w in weight_args]
+    ctx.save_for_backward(input, hx, layer_output, batch_sizes, *_present(weight_args))
 
 
 def _backward(ctx, grad_output, grad_h_n):
     input, hx, layer_output, batch_sizes, *weights = ctx.saved_tensors
-    need_input, need_hx, need_weights, _, _ = ctx.needs_input_grad
+    need_input, need_hx, *need_weight_args = ctx.needs_input_grad[: 2 + _NUM_WEIGHT_ARGS]
+    need_weights = [need for need, present in zip(need_weight_args, ctx.present) if present]
     output_mask = [need_input, need_hx, any(need_weights)]
     grad_input, grad_hx, grad_weights = rnn_layer_backward(
         grad_output, grad_h_n, input, hx, weights, batch_sizes, ctx.relu, layer_output, output_mask
     )
-    if not output_mask[2]:
-        grad_weights = [None] * len(weights)
-    else:
-        grad_weights = [g if need else None for g, need in zip(grad_weights, need_weights)]
+    grads = iter(grad_weights if output_mask[2] else [None] * len(weights))
+    grad_weight_args = [next(grads) if present else None for present in ctx.present]
+    grad_weight_args = [g if need else None for g, need in zip(grad_weight_args, need_weight_args)]
     return (
         grad_input if need_input else None,
         grad_hx if need_hx else None,
-        grad_weights,
+        *grad_weight_args,
         None,
         None,
     )

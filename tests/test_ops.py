@@ -42,7 +42,7 @@ def test_gradcheck_op(name):
     input, hx, weights, batch_sizes, relu = layer_sample(requires_grad=True, **SAMPLES[name])
 
     def run(input, hx, *weights):
-        return ops.rnn_layer(input, hx, list(weights), batch_sizes, relu)
+        return ops.rnn_layer(input, hx, weights, batch_sizes, relu)
 
     assert torch.autograd.gradcheck(run, (input, hx, *weights))
 
@@ -50,7 +50,7 @@ def test_gradcheck_op(name):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("name", SAMPLES)
 def test_opcheck_forward(name, requires_grad):
-    args = layer_sample(requires_grad=requires_grad, **SAMPLES[name])
+    args = ops.layer_args(*layer_sample(requires_grad=requires_grad, **SAMPLES[name]))
     torch.library.opcheck(torch.ops.rnn_ext.rnn_layer.default, args)
 
 
@@ -119,8 +119,15 @@ def test_op_rejects_bad_arguments():
         ops.rnn_layer(input, hx.float(), weights, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="w_hh must have shape"):
         ops.rnn_layer(input, hx, [weights[0], weights[1][:, :2], *weights[2:]], batch_sizes, relu)
-    with pytest.raises(RuntimeError, match="2 \\(no bias\\) or 4 tensors"):
+    with pytest.raises(RuntimeError, match="2 \\(no bias\\) or 4 tensors per direction"):
         ops.rnn_layer(input, hx, weights[:3], batch_sizes, relu)
+    with pytest.raises(RuntimeError, match="2 \\(no bias\\) or 4 tensors per direction"):
+        ops.rnn_layer(input, hx.expand(3, -1, -1), weights, batch_sizes, relu)
+    op = torch.ops.rnn_ext.rnn_layer.default
+    with pytest.raises(RuntimeError, match="b_ih and b_hh must be given together"):
+        op(input, hx, weights[0], weights[1], weights[2], None, None, None, None, None, batch_sizes, relu)
+    with pytest.raises(RuntimeError, match="w_ih must have shape"):  # a one-direction layer called as two
+        op(input, hx.expand(2, -1, -1), *weights, None, None, None, None, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="floating point"):
         ops.rnn_layer(input.long(), hx.long(), [w.long() for w in weights], batch_sizes, relu)
     with pytest.raises(RuntimeError, match="multiple of the batch size"):

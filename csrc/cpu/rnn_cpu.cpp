@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
-  m.impl("rnn_layer", &rnn_layer_cpu);
+  m.impl("rnn_layer", &rnn_layer_entry<&rnn_layer_cpu>);
   m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
 }
 
