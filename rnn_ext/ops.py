@@ -54,6 +54,12 @@ def _present(weight_args):
 def _rnn_layer_fake(input, hx, *args):
     torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
     torch._check(hx.dim() == 3, lambda: f"rnn_ext: hx must be 3-D, got {hx.dim()}-D")
+    for name, t in (("hx", hx), *zip(("w_ih", "w_hh", "b_ih", "b_hh") * 2, args[:_NUM_WEIGHT_ARGS])):
+        if t is not None:
+            torch._check(
+                t.device == input.device and t.dtype == input.dtype,
+                lambda: f"rnn_ext: {name} must have the input's dtype and device, got {t.dtype} on {t.device}",
+            )
     directions, batch, hidden = hx.shape
     output = input.new_empty((input.shape[0], directions * hidden))
     h_n = input.new_empty((directions, batch, hidden))
