@@ -237,8 +237,8 @@ void forward_direction(
 }
 
 // One direction's walk against time; writes this direction's columns of grad_z and h_prev.
-//   grad_output, out, grad_z, h_prev [N, ld] (h_prev may be nullptr), grad_h_n, hx [B, H],
-//   w_hh [H, H], grad_hx [B, H] in acc_t, z [B, H] scratch in acc_t
+//   grad_output, out, grad_z, h_prev [N, ld], grad_h_n, hx [B, H], w_hh [H, H],
+//   grad_hx [B, H] in acc_t, z [B, H] scratch in acc_t; h_prev and grad_hx may be nullptr (not wanted)
 template <typename scalar_t>
 void backward_direction(
     cublasHandle_t handle, cudaStream_t stream, const StepSchedule& steps, bool reverse, bool relu,
@@ -263,9 +263,11 @@ void backward_direction(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     // Rows [prev.split, rows) started from hx: their gradient goes to grad_hx (each row once).
-    gemm_rows(
-        handle, false, rows - prev.split, H, H, grad_z + at_t + prev.split * ld, ld, w_hh, H,
-        grad_hx + prev.split * H, H);
+    if (grad_hx != nullptr) {
+      gemm_rows(
+          handle, false, rows - prev.split, H, H, grad_z + at_t + prev.split * ld, ld, w_hh, H,
+          grad_hx + prev.split * H, H);
+    }
   });
 }
 
@@ -332,7 +334,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   const auto h0 = hx.contiguous();                 // [D, B, H]
   const auto acc_type = at::toOpMathType(input.scalar_type());
   auto grad_z = at::empty({s.N, ld}, input.options());  // [N, D*H], every row written by the walk
-  auto grad_hx = at::zeros({s.D, s.B, s.H}, input.options().dtype(acc_type));  // [D, B, H] in acc_t
+  at::Tensor grad_hx;  // [D, B, H] in acc_t
+  if (output_mask[1]) {
+    grad_hx = at::zeros({s.D, s.B, s.H}, input.options().dtype(acc_type));
+  }
   auto z = at::empty({s.B, s.H}, input.options().dtype(acc_type));  // [B, H] gradient carried one step
   at::Tensor h_prev;  // [N, D*H]: the state each row started from, for grad_w_hh
   if (output_mask[2]) {
@@ -350,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
           grad_last[d].data_ptr<scalar_t>(), h0[d].data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
           out.data_ptr<scalar_t>() + d * s.H, ld, grad_z.data_ptr<scalar_t>() + d * s.H,
           h_prev.defined() ? h_prev.data_ptr<scalar_t>() + d * s.H : nullptr,
-          grad_hx[d].data_ptr<acc_t>(), z.data_ptr<acc_t>());
+          grad_hx.defined() ? grad_hx[d].data_ptr<acc_t>() : nullptr, z.data_ptr<acc_t>());
     }
   });
 
