@@ -46,6 +46,20 @@ def pip_cuda_include_dirs():
     return found
 
 
+def cublas_link_args():
+    """Links cuBLAS, which the CUDA kernels call directly: libtorch_cuda does not export ATen's
+    at::cuda::blas::gemm to extensions. Takes the copy torch loads (pip's nvidia/*/lib) before the
+    toolkit's; either records the soname libcublas.so.N, already loaded once torch is imported."""
+    dirs = [os.path.join(os.path.dirname(inc), "lib") for inc in pip_cuda_include_dirs()]
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    dirs += [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
+    for path in dirs:
+        libs = sorted(glob.glob(os.path.join(path, "libcublas.so*")), key=len)
+        if libs:
+            return ["-L" + path, "-l:" + os.path.basename(libs[0])]
+    sys.exit("FORCE_CUDA build: no libcublas.so* found under pip's nvidia/*/lib or $CUDA_HOME/lib64")
+
+
 def extension():
     debug = env_flag("DEBUG")
     sanitize = env_flag("SANITIZE")
@@ -71,6 +85,7 @@ def extension():
     kwargs["extra_compile_args"]["nvcc"] = ["-O0", "-g"] if debug else ["-O3"]
     kwargs["include_dirs"] = pip_cuda_include_dirs()
     kwargs["define_macros"] = [("RNN_EXT_WITH_CUDA", "1")]
+    kwargs["extra_link_args"] = link_flags + cublas_link_args()
     return CUDAExtension(**kwargs)
 
 
