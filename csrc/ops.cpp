@@ -203,21 +203,20 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
   return sizes.D == 1 ? biases[0] : at::cat(biases, 0);
 }
 
-std::vector<at::Tensor> split_weight_grads(
-    const at::Tensor& grad_w_ih,
-    const std::vector<at::Tensor>& grad_w_hh,
-    const at::Tensor& grad_bias,
-    const LayerSizes& sizes) {
-  // Each returned gradient owns its memory: op outputs must not alias one another.
-  const auto own = [&](const at::Tensor& part) { return sizes.D == 1 ? part.contiguous() : part.clone(); };
+std::vector<at::Tensor> weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes) {
+  const int64_t H = sizes.H;
+  const auto x = input.contiguous();
+  const auto grad_b = sizes.has_bias ? grad_z.sum(0) : at::Tensor();
   std::vector<at::Tensor> grads;
   for (int64_t d = 0; d < sizes.D; ++d) {
-    grads.push_back(own(grad_w_ih.narrow(0, d * sizes.H, sizes.H)));
-    grads.push_back(grad_w_hh[d]);
+    const auto grad_z_d = grad_z.narrow(1, d * H, H);
+    grads.push_back(at::mm(grad_z_d.t(), x));
+    grads.push_back(at::mm(grad_z_d.t(), h_prev.narrow(1, d * H, H)));
     if (sizes.has_bias) {
-      const auto grad_b = grad_bias.narrow(0, d * sizes.H, sizes.H);
-      grads.push_back(own(grad_b));
-      grads.push_back(grad_b.clone());  // b_ih and b_hh get equal, but separate, gradients
+      // b_ih and b_hh get equal, but separate, gradients: op outputs must not alias.
+      grads.push_back(grad_b.narrow(0, d * H, H).clone());
+      grads.push_back(grad_b.narrow(0, d * H, H).clone());
     }
   }
   return grads;

@@ -66,13 +66,13 @@ at::Tensor stacked_w_ih(at::TensorList weights, const LayerSizes& sizes);
 // b_ih + b_hh of all directions stacked: [D*H]; undefined when the layer has no bias.
 at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 
-// Splits the stacked weight gradients (grad_w_ih [D*H, I], grad_w_hh D x [H, H], grad_bias [D*H])
-// into nn.RNN's per-direction list, each gradient in memory of its own.
-std::vector<at::Tensor> split_weight_grads(
-    const at::Tensor& grad_w_ih,
-    const std::vector<at::Tensor>& grad_w_hh,
-    const at::Tensor& grad_bias,
-    const LayerSizes& sizes);
+// The weight gradients of a layer, as nn.RNN's flat list (each in memory of its own), from
+//   grad_z [N, D*H]  gradient of each row's pre-activation,
+//   h_prev [N, D*H]  the state each row's step started from,
+//   input  [N, I].
+// grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T h_prev per direction, grad_b = sum of grad_z rows.
+std::vector<at::Tensor> weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes);
 
 // rnn_layer takes its weights as separate arguments (w_ih, w_hh, b_ih?, b_hh?, then the same four
 // of the reverse direction, all optional), so that its Python autograd layer handles no lists.

@@ -9,3 +9,14 @@ def pytest_report_header(config):
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"CUDA kernels built: {rnn_ext.cuda_kernels_built()}, GPU visible: {torch.cuda.is_available()}",
     ]
+
+
+# Hypothesis profiles: "ci" (default, a few minutes at most) and "long" (run by hand:
+# pytest tests/test_property.py --hypothesis-profile=long).
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("long", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")

@@ -168,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
 
   auto output = at::empty({s.N, s.D * s.H}, input.options());
   auto h_n = at::empty({s.D, s.B, s.H}, input.options());
-  if (s.N == 0) {
+  if (s.N == 0) {  // no time steps: h_n is hx
+    h_n.copy_(hx);
     return {output, h_n};
   }
   const auto x = input.contiguous();
@@ -246,13 +247,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
             h_prev.data_ptr<scalar_t>() + d * s.H);
       }
     });
-    std::vector<at::Tensor> grad_w_hh;
-    for (int64_t d = 0; d < s.D; ++d) {
-      grad_w_hh.push_back(at::mm(grad_z.narrow(1, d * s.H, s.H).t(), h_prev.narrow(1, d * s.H, s.H)));
-    }
-    const auto grad_w_ih = at::mm(grad_z.t(), input.contiguous());
-    const auto grad_bias = s.has_bias ? grad_z.sum(0) : at::Tensor();
-    grad_weights = split_weight_grads(grad_w_ih, grad_w_hh, grad_bias, s);
+    grad_weights = weight_grads(grad_z, h_prev, input, s);
   }
   return {grad_input, grad_hx, grad_weights};
 }

@@ -366,14 +366,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   grad_hx = output_mask[1] ? grad_hx.to(input.scalar_type()) : at::empty({0}, input.options());
   std::vector<at::Tensor> grad_weights;
   if (output_mask[2]) {
-    auto grad_w_hh = at::empty({s.D, s.H, s.H}, input.options());  // [D, H, H]
-    for (int64_t d = 0; d < s.D; ++d) {
-      auto grad_w_hh_d = grad_w_hh[d];
-      at::mm_out(grad_w_hh_d, grad_z.narrow(1, d * s.H, s.H).t(), h_prev.narrow(1, d * s.H, s.H));
-    }
-    const auto grad_w_ih = at::mm(grad_z.t(), input.contiguous());  // [D*H, I]
-    const auto grad_bias = s.has_bias ? grad_z.sum(0) : at::Tensor();  // [D*H]
-    grad_weights = split_weight_grads(grad_w_ih, grad_w_hh, grad_bias, s);
+    grad_weights = weight_grads(grad_z, h_prev, input, s);
   }
   return {grad_input, grad_hx, grad_weights};
 }
@@ -381,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) {
-  m.impl("rnn_layer", &rnn_layer_cuda);
+  m.impl("rnn_layer", &rnn_layer_entry<&rnn_layer_cuda>);
   m.impl("rnn_layer_backward", &rnn_layer_backward_cuda);
 }
 
