@@ -1,13 +1,14 @@
 #include "kernels.h"
 
-#include "kernels_isa.h"
+#include <ATen/Parallel.h>
 
 namespace rnn_ext::cpu {
 
 namespace {
 
-// Products of at least this many multiply-adds go to ATen's GEMM (MKL/oneDNN, multithreaded).
-constexpr int64_t kBlasMinMacs = int64_t{1} << 21;
+// Steps with at least this many multiply-adds split their tiles over threads; below it the
+// cost of waking the threads exceeds the gain.
+constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -33,70 +34,49 @@ IsaKernels<T> pick(IsaKernels<T> (*avx512)(), IsaKernels<T> (*avx2)(), IsaKernel
   return baseline();
 }
 
-const IsaKernels<float>& kernels_f32() {
+template <typename T>
+const IsaKernels<T>& kernels();
+
+template <>
+const IsaKernels<float>& kernels<float>() {
   static const IsaKernels<float> k = pick(&avx512_kernels_f32, &avx2_kernels_f32, &baseline_kernels_f32);
   return k;
 }
 
-const IsaKernels<double>& kernels_f64() {
+template <>
+const IsaKernels<double>& kernels<double>() {
   static const IsaKernels<double> k = pick(&avx512_kernels_f64, &avx2_kernels_f64, &baseline_kernels_f64);
   return k;
 }
 
-template <typename T>
-const IsaKernels<T>& kernels_for();
-template <>
-const IsaKernels<float>& kernels_for<float>() { return kernels_f32(); }
-template <>
-const IsaKernels<double>& kernels_for<double>() { return kernels_f64(); }
-
-template <typename T>
-void blas_gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, options);
-  const auto b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, options);
-  auto c = at::from_blob(C, {M, N}, {ldc, 1}, options);
-  c.addmm_(a, b);
-}
-
-template <typename T>
-void gemm_acc_any(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  if (M <= 0 || N <= 0 || K <= 0) return;
-  if (is_small_gemm(M, N, K)) {
-    kernels_for<T>().gemm_acc(M, N, K, A, lda, B, ldb, C, ldc);
-  } else {
-    blas_gemm_acc(M, N, K, A, lda, B, ldb, C, ldc);
-  }
-}
-
 }  // namespace
 
-bool is_small_gemm(int64_t M, int64_t N, int64_t K) {
-  return M * N * K < kBlasMinMacs;
+template <typename T>
+PackedWeight<T>::PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N) : K_(K), N_(N) {
+  const int64_t width = kernels<T>().panel_width;
+  const int64_t panels = (N + width - 1) / width;
+  buffer_ = at::empty({panels * K * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  kernels<T>().pack(K, N, W, ldw, buffer_.data_ptr<T>());
 }
 
-void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  gemm_acc_any(M, N, K, A, lda, B, ldb, C, ldc);
+template <typename T>
+void step(
+    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
+    Epilogue epilogue, const std::type_identity_t<T>* H, int64_t ldh, bool single_thread) {
+  if (M <= 0 || W.N() <= 0) return;
+  const IsaKernels<T>& k = kernels<T>();
+  const StepJob<T> job{M, W.N(), W.K(), A, lda, W.data(), C, ldc, epilogue, H, ldh};
+  const int64_t tiles = k.num_tiles(M, W.N());
+  if (single_thread || tiles < 2 || A == nullptr || M * W.N() * W.K() < kParallelMinMacs) {
+    k.run_tiles(job, 0, tiles);
+    return;
+  }
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { k.run_tiles(job, begin, end); });
 }
 
-void gemm_acc(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc) {
-  gemm_acc_any(M, N, K, A, lda, B, ldb, C, ldc);
-}
-
-void activate_rows(float* h, int64_t rows, int64_t H, int64_t ld, bool relu) {
-  kernels_f32().activate_rows(h, rows, H, ld, relu);
-}
-
-void activate_rows(double* h, int64_t rows, int64_t H, int64_t ld, bool relu) {
-  kernels_f64().activate_rows(h, rows, H, ld, relu);
-}
-
-void scale_by_activation_grad(float* grad, const float* h, int64_t rows, int64_t H, int64_t ld, bool relu) {
-  kernels_f32().scale_by_activation_grad(grad, h, rows, H, ld, relu);
-}
-
-void scale_by_activation_grad(double* grad, const double* h, int64_t rows, int64_t H, int64_t ld, bool relu) {
-  kernels_f64().scale_by_activation_grad(grad, h, rows, H, ld, relu);
-}
+template class PackedWeight<float>;
+template class PackedWeight<double>;
+template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool);
+template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool);
 
 }  // namespace rnn_ext::cpu

@@ -1,28 +1,36 @@
-// CPU building blocks of the recurrence: a small-matrix GEMM and the pointwise activation math.
-// Float loops are compiled once per x86-64 level (AVX-512, AVX2+FMA, baseline) and picked at load
-// time, so the wheel runs anywhere and still vectorises where the CPU allows.
+// CPU building blocks of the recurrence: one step's C = epilogue(C + A @ W) with W packed once
+// per call, threaded over tiles when the step is large enough. The tile code is compiled per
+// instruction set (kernels_isa.h); the best one for this CPU is picked when the library loads.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "kernels_isa.h"
 
 namespace rnn_ext::cpu {
 
-// C[M, N] += A[M, K] @ B[K, N]; all row-major with leading dimensions lda, ldb, ldc.
-// Small products run in a register-blocked loop; large ones in ATen's multithreaded GEMM.
-void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc);
-void gemm_acc(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc);
+// W [K, N] (row-major, rows ldw apart), packed into the active ISA's column panels.
+template <typename T>
+class PackedWeight {
+ public:
+  PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N);
+  const T* data() const { return buffer_.data_ptr<T>(); }
+  int64_t K() const { return K_; }
+  int64_t N() const { return N_; }
 
-// True when gemm_acc of this size stays in the single-threaded register-blocked loop.
-bool is_small_gemm(int64_t M, int64_t N, int64_t K);
+ private:
+  int64_t K_, N_;
+  at::Tensor buffer_;
+};
 
-// h[r, j] = act(h[r, j]) for r < rows, j < H, rows ld apart.
-void activate_rows(float* h, int64_t rows, int64_t H, int64_t ld, bool relu);
-void activate_rows(double* h, int64_t rows, int64_t H, int64_t ld, bool relu);
-
-// grad[r, j] *= act'(from the output h[r, j]): tanh' = 1 - h^2, relu' = [h > 0].
-void scale_by_activation_grad(float* grad, const float* h, int64_t rows, int64_t H, int64_t ld, bool relu);
-void scale_by_activation_grad(double* grad, const double* h, int64_t rows, int64_t H, int64_t ld, bool relu);
+// C[M, N] = epilogue(C + A[M, K] @ W) (A == nullptr: epilogue only); H is what the gradient
+// epilogues read (the step's outputs), rows ldh apart. Threads over tiles unless single_thread.
+template <typename T>
+void step(
+    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
+    Epilogue epilogue, const std::type_identity_t<T>* H = nullptr, int64_t ldh = 0, bool single_thread = false);
 
 }  // namespace rnn_ext::cpu

@@ -6,5 +6,7 @@
 #else
 #define RNN_EXT_VECTOR_BYTES 16
 #endif
+#define RNN_EXT_TILE_ROWS 4
+#define RNN_EXT_MAX_ACC 12
 #define RNN_EXT_ISA_NAME avx2
 #include "kernels_impl.h"

@@ -6,5 +6,7 @@
 #else
 #define RNN_EXT_VECTOR_BYTES 16
 #endif
+#define RNN_EXT_TILE_ROWS 8
+#define RNN_EXT_MAX_ACC 24
 #define RNN_EXT_ISA_NAME avx512
 #include "kernels_impl.h"

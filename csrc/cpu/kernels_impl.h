@@ -1,10 +1,12 @@
 // The body of the per-ISA kernels. Included by one small .cpp per instruction set, after a
-// `#pragma GCC target(...)` and with RNN_EXT_VECTOR_BYTES (16, 32 or 64) and RNN_EXT_ISA_NAME
-// defined. Everything here has internal linkage, so no function compiled for a wider ISA can be
-// picked by the linker for another translation unit.
+// `#pragma GCC target(...)`, with these defined:
+//   RNN_EXT_VECTOR_BYTES  16, 32 or 64      RNN_EXT_ISA_NAME  avx512, avx2 or baseline
+//   RNN_EXT_TILE_ROWS     rows of C per tile RNN_EXT_MAX_ACC   vector accumulators a tile may use
+// Everything here has internal linkage, so no function compiled for a wider ISA can be picked by
+// the linker for another translation unit.
 //
-// Vectors are GCC vector extensions of RNN_EXT_VECTOR_BYTES: the accumulators of a GEMM tile are
-// named vector values, which the compiler keeps in registers across the K loop.
+// Vectors are GCC vector extensions of RNN_EXT_VECTOR_BYTES: a tile's accumulators are named
+// vector values, which the compiler keeps in registers over the whole K loop.
 #include "kernels_isa.h"
 
 namespace rnn_ext::cpu {
@@ -27,6 +29,12 @@ using vec = typename Vector<T>::type;
 template <typename T>
 constexpr int kLanes = RNN_EXT_VECTOR_BYTES / sizeof(T);
 
+constexpr int kVectorsPerPanel = 2;
+template <typename T>
+constexpr int kPanelWidth = kVectorsPerPanel * kLanes<T>;
+constexpr int kTileRows = RNN_EXT_TILE_ROWS;
+constexpr int kMaxAcc = RNN_EXT_MAX_ACC;
+
 #define RNN_EXT_INLINE inline __attribute__((always_inline))
 
 template <typename T>
@@ -41,74 +49,8 @@ RNN_EXT_INLINE void store(T* p, vec<T> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-template <typename T>
-RNN_EXT_INLINE vec<T> splat(T x) {
-  return vec<T>{} + x;
-}
-
 // ---------------------------------------------------------------------------------------------
-// C += A @ B, register-blocked: an MR x (NV vectors) tile of C stays in registers over all of K.
-
-template <typename T, int MR, int NV>
-RNN_EXT_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  constexpr int L = kLanes<T>;
-  vec<T> acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < NV; ++j) acc[i][j] = load(C + i * ldc + j * L);
-  for (int64_t k = 0; k < K; ++k) {
-    vec<T> b[NV];
-#pragma GCC unroll 16
-    for (int j = 0; j < NV; ++j) b[j] = load(B + k * ldb + j * L);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const T a = A[i * lda + k];  // scalar * vector broadcasts without an extra add
-#pragma GCC unroll 16
-      for (int j = 0; j < NV; ++j) acc[i][j] += a * b[j];
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < NV; ++j) store(C + i * ldc + j * L, acc[i][j]);
-}
-
-// All M rows of one panel of NV vectors of columns.
-template <typename T, int NV>
-RNN_EXT_INLINE void gemm_panel(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  constexpr int MR = 4;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) gemm_tile<T, MR, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) gemm_tile<T, 1, NV>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-}
-
-template <typename T>
-void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
-  constexpr int L = kLanes<T>;
-  int64_t n = 0;
-  if (M < 4) {
-    // Few rows: a wide panel gives eight independent accumulators to hide the FMA latency.
-    for (; n + 8 * L <= N; n += 8 * L) gemm_panel<T, 8>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  }
-  for (; n + 2 * L <= N; n += 2 * L) gemm_panel<T, 2>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  for (; n + L <= N; n += L) gemm_panel<T, 1>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  for (; n < N; ++n) {  // the last N % L columns
-    for (int64_t m = 0; m < M; ++m) {
-      T sum = C[m * ldc + n];
-      for (int64_t k = 0; k < K; ++k) sum += A[m * lda + k] * B[k * ldb + n];
-      C[m * ldc + n] = sum;
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Activations.
-
-template <typename T>
-RNN_EXT_INLINE vec<T> relu(vec<T> x) {
-  return x < T(0) ? vec<T>{} : x;  // NaN passes through, as in torch.relu
-}
+// Activations and their derivatives, on vectors.
 
 // tanh of a vector of floats, agreeing with std::tanh to about 2 ulp:
 //   |x| < 0.55: the odd Taylor series, which needs no subtraction of nearly equal numbers;
@@ -122,7 +64,7 @@ RNN_EXT_INLINE vec<float> tanh_vec(vec<float> x) {
   const V a = reinterpret_cast<V>(x_bits & ~sign_mask);
 
   const V z = x * x;
-  V series = splat(6404582.0f / 10854718875.0f);
+  V series = V{} + 6404582.0f / 10854718875.0f;
   series = series * z - 929569.0f / 638512875.0f;
   series = series * z + 21844.0f / 6081075.0f;
   series = series * z - 1382.0f / 155925.0f;
@@ -132,12 +74,12 @@ RNN_EXT_INLINE vec<float> tanh_vec(vec<float> x) {
   series = series * z - 1.0f / 3.0f;
   const V small = a + a * z * series;
 
-  const V clamped = a < 9.0f ? a : splat(9.0f);  // NaN becomes 9 here, but takes the NaN path below
-  const V t = clamped * 2.88539008177792681f;  // 2 / ln 2
-  const V round_shift = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds t (< 2^22) to an integer
+  const V clamped = a < 9.0f ? a : V{} + 9.0f;  // NaN becomes 9 here, but takes the NaN path below
+  const V t = clamped * 2.88539008177792681f;    // 2 / ln 2
+  const V round_shift = V{} + 12582912.0f;       // 1.5 * 2^23: adding it rounds t (< 2^22) to an integer
   const V n = (t + round_shift) - round_shift;
   const V f = (t - n) * 0.693147180559945309f;  // ln 2
-  V p = splat(1.0f / 5040.0f);
+  V p = V{} + 1.0f / 5040.0f;
   p = p * f + 1.0f / 720.0f;
   p = p * f + 1.0f / 120.0f;
   p = p * f + 1.0f / 24.0f;
@@ -154,60 +96,178 @@ RNN_EXT_INLINE vec<float> tanh_vec(vec<float> x) {
   return reinterpret_cast<V>(reinterpret_cast<Bits>(r) | (x_bits & sign_mask));
 }
 
-template <typename T>
-RNN_EXT_INLINE T tanh_scalar(T x) {
-  if constexpr (sizeof(T) == sizeof(float)) {
-    vec<float> v = splat(x);
-    return tanh_vec(v)[0];
-  } else {
-    return __builtin_tanh(x);
-  }
+RNN_EXT_INLINE vec<double> tanh_vec(vec<double> x) {
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = __builtin_tanh(x[i]);
+  return x;
 }
 
 template <typename T>
-void activate_rows(T* h, int64_t rows, int64_t H, int64_t ld, bool use_relu) {
-  constexpr int L = kLanes<T>;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* row = h + r * ld;
-    int64_t j = 0;
-    if (use_relu) {
-      for (; j + L <= H; j += L) store(row + j, relu<T>(load(row + j)));
-      for (; j < H; ++j) row[j] = row[j] < T(0) ? T(0) : row[j];
-    } else if constexpr (sizeof(T) == sizeof(float)) {
-      for (; j + L <= H; j += L) store(row + j, tanh_vec(load(row + j)));
-      for (; j < H; ++j) row[j] = tanh_scalar(row[j]);
-    } else {
-      for (; j < H; ++j) row[j] = __builtin_tanh(row[j]);
+RNN_EXT_INLINE vec<T> apply_epilogue(vec<T> c, Epilogue epilogue, const T* h) {
+  switch (epilogue) {
+    case Epilogue::kTanh:
+      return tanh_vec(c);
+    case Epilogue::kRelu:
+      return c < T(0) ? vec<T>{} : c;  // NaN passes through, as in torch.relu
+    case Epilogue::kTanhGrad: {
+      const vec<T> y = load(h);
+      return c * (T(1) - y * y);
+    }
+    case Epilogue::kReluGrad:
+      return load(h) > T(0) ? c : vec<T>{};
+    case Epilogue::kNone:
+      break;
+  }
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing and the register-blocked tile.
+
+template <typename T>
+int64_t panels(int64_t N) {
+  return (N + kPanelWidth<T> - 1) / kPanelWidth<T>;
+}
+
+template <typename T>
+void pack(int64_t K, int64_t N, const T* W, int64_t ldw, T* packed) {
+  constexpr int NR = kPanelWidth<T>;
+  for (int64_t p = 0; p < panels<T>(N); ++p) {
+    for (int64_t k = 0; k < K; ++k) {
+      T* dst = packed + (p * K + k) * NR;
+      for (int64_t j = 0; j < NR; ++j) {
+        const int64_t n = p * NR + j;
+        dst[j] = n < N ? W[k * ldw + n] : T(0);
+      }
     }
   }
 }
 
+// Panels per tile: few rows leave registers free for several panels, which gives the FMA units
+// enough independent accumulators.
 template <typename T>
-void scale_by_activation_grad(T* grad, const T* h, int64_t rows, int64_t H, int64_t ld, bool use_relu) {
+int64_t panels_per_tile(int64_t M) {
+  const int64_t rows = M < kTileRows ? M : kTileRows;
+  const int64_t fit = kMaxAcc / (rows * kVectorsPerPanel);
+  return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+}
+
+// ROWS x (G panels) of C = epilogue(C + A @ W); C and H point at the tile's first element.
+template <typename T, int ROWS, int G>
+RNN_EXT_INLINE void tile(const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh) {
   constexpr int L = kLanes<T>;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* g = grad + r * ld;
-    const T* y = h + r * ld;
-    int64_t j = 0;
-    if (use_relu) {
-      for (; j + L <= H; j += L) {
-        const vec<T> yv = load(y + j);
-        store(g + j, yv > T(0) ? load(g + j) : vec<T>{});
+  constexpr int NR = kPanelWidth<T>;
+  constexpr int NV = G * kVectorsPerPanel;
+  vec<T> acc[ROWS][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[i][v] = load(C + i * ldc + v * L);
+  if (A != nullptr) {
+    const int64_t panel_stride = job.K * NR;
+    for (int64_t k = 0; k < job.K; ++k) {
+      vec<T> b[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) b[v] = load(W + (v / kVectorsPerPanel) * panel_stride + k * NR + (v % kVectorsPerPanel) * L);
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; ++i) {
+        const T a = A[i * job.lda + k];  // scalar * vector broadcasts
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
       }
-      for (; j < H; ++j) g[j] = y[j] > T(0) ? g[j] : T(0);
-    } else {
-      for (; j + L <= H; j += L) {
-        const vec<T> yv = load(y + j);
-        store(g + j, load(g + j) * (T(1) - yv * yv));
-      }
-      for (; j < H; ++j) g[j] *= T(1) - y[j] * y[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) store(C + i * ldc + v * L, apply_epilogue(acc[i][v], job.epilogue, H + i * ldh + v * L));
+}
+
+template <typename T, int G>
+void tile_rows(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh) {
+#define RNN_EXT_TILE_CASE(R)                                                      \
+  case R:                                                                         \
+    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= 2 * kMaxAcc) {    \
+      tile<T, R, G>(job, A, W, C, ldc, H, ldh);                                   \
+      return;                                                                     \
+    }                                                                             \
+    break;
+  switch (rows) {
+    RNN_EXT_TILE_CASE(1)
+    RNN_EXT_TILE_CASE(2)
+    RNN_EXT_TILE_CASE(3)
+    RNN_EXT_TILE_CASE(4)
+    RNN_EXT_TILE_CASE(5)
+    RNN_EXT_TILE_CASE(6)
+    RNN_EXT_TILE_CASE(7)
+    RNN_EXT_TILE_CASE(8)
+  }
+#undef RNN_EXT_TILE_CASE
+  __builtin_trap();  // unreachable: rows <= kTileRows <= 8 and G fits by construction
+}
+
+// The last panel when N is not a multiple of the panel width: computed in a padded local copy.
+template <typename T>
+void partial_panel_tile(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, const T* H, int64_t cols) {
+  constexpr int NR = kPanelWidth<T>;
+  T c_local[kTileRows * NR] = {};
+  T h_local[kTileRows * NR] = {};
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < NR; ++j) {
+      c_local[i * NR + j] = j < cols ? C[i * job.ldc + j] : T(0);
+      h_local[i * NR + j] = j < cols && H != nullptr ? H[i * job.ldh + j] : T(0);
+    }
+  }
+  tile_rows<T, 1>(rows, job, A, W, c_local, NR, h_local, NR);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) C[i * job.ldc + j] = c_local[i * NR + j];
+  }
+}
+
+template <typename T>
+int64_t num_tiles(int64_t M, int64_t N) {
+  if (M <= 0 || N <= 0) return 0;
+  const int64_t row_blocks = (M + kTileRows - 1) / kTileRows;
+  const int64_t g = panels_per_tile<T>(M);
+  return row_blocks * ((panels<T>(N) + g - 1) / g);
+}
+
+template <typename T>
+void run_tiles(const StepJob<T>& job, int64_t begin, int64_t end) {
+  constexpr int NR = kPanelWidth<T>;
+  const int64_t P = panels<T>(job.N);
+  const int64_t g = panels_per_tile<T>(job.M);
+  const int64_t groups = (P + g - 1) / g;
+  for (int64_t index = begin; index < end; ++index) {
+    const int64_t r0 = (index / groups) * kTileRows;
+    const int64_t rows = job.M - r0 < kTileRows ? job.M - r0 : kTileRows;
+    const T* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
+    int64_t p = (index % groups) * g;
+    const int64_t p_end = p + g < P ? p + g : P;
+    const auto at = [&](int64_t panel, auto run) {
+      const int64_t n0 = panel * NR;
+      const T* H = job.H != nullptr ? job.H + r0 * job.ldh + n0 : nullptr;
+      run(job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, H);
+    };
+    // Whole panels, 4, 2 or 1 at a time; the ragged last panel on its own.
+    const int64_t whole_end = job.N % NR == 0 ? p_end : (p_end == P ? P - 1 : p_end);
+    for (; p + 4 <= whole_end && g >= 4; p += 4) {
+      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 4>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+    }
+    for (; p + 2 <= whole_end && g >= 2; p += 2) {
+      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 2>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+    }
+    for (; p < whole_end; ++p) {
+      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 1>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+    }
+    if (p < p_end) {
+      at(p, [&](const T* W, T* C, const T* H) { partial_panel_tile<T>(rows, job, A, W, C, H, job.N - p * NR); });
     }
   }
 }
 
 template <typename T>
 IsaKernels<T> kernels() {
-  return {&gemm_acc<T>, &activate_rows<T>, &scale_by_activation_grad<T>};
+  return {kPanelWidth<T>, &pack<T>, &num_tiles<T>, &run_tiles<T>};
 }
 
 }  // namespace

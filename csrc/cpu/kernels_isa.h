@@ -7,14 +7,39 @@
 
 namespace rnn_ext::cpu {
 
+// What a recurrence step does to each finished tile of C before storing it.
+enum class Epilogue : int32_t {
+  kNone,
+  kTanh,       // C = tanh(C)
+  kRelu,       // C = relu(C)
+  kTanhGrad,   // C *= 1 - H^2    (H: the step's outputs)
+  kReluGrad,   // C *= [H > 0]
+};
+
+// One step's product C[M, N] = epilogue(C + A[M, K] @ W[K, N]), W packed by IsaKernels::pack.
+// A == nullptr means no product (only the epilogue), e.g. rows that receive no recurrent term.
+template <typename T>
+struct StepJob {
+  int64_t M, N, K;
+  const T* A;  // [M, K], rows lda apart
+  int64_t lda;
+  const T* W;  // packed [K, N]
+  T* C;        // [M, N], rows ldc apart
+  int64_t ldc;
+  Epilogue epilogue;
+  const T* H;  // [M, N], rows ldh apart: the outputs the gradient epilogues read
+  int64_t ldh;
+};
+
 template <typename T>
 struct IsaKernels {
-  // C[M, N] += A[M, K] @ B[K, N], row-major with leading dimensions.
-  void (*gemm_acc)(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc);
-  // h[r, j] = act(h[r, j]) for r < rows, j < H; rows ld apart.
-  void (*activate_rows)(T* h, int64_t rows, int64_t H, int64_t ld, bool relu);
-  // grad[r, j] *= act'(h[r, j]) written from the output h: tanh' = 1 - h^2, relu' = [h > 0].
-  void (*scale_by_activation_grad)(T* grad, const T* h, int64_t rows, int64_t H, int64_t ld, bool relu);
+  // Columns per packed panel. Packed W holds ceil(N / panel_width) panels of K x panel_width
+  // elements (zero-padded past N), each contiguous.
+  int64_t panel_width;
+  void (*pack)(int64_t K, int64_t N, const T* W, int64_t ldw, T* packed);
+  // The job splits into independent tiles [0, num_tiles), run in any order or in parallel.
+  int64_t (*num_tiles)(int64_t M, int64_t N);
+  void (*run_tiles)(const StepJob<T>& job, int64_t begin, int64_t end);
 };
 
 IsaKernels<float> avx512_kernels_f32();

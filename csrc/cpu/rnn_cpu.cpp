@@ -43,23 +43,27 @@ void add_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows
   }
 }
 
-// One direction's recurrence over out, which already holds the input projection plus bias.
-//   hx [B, H], w_hh_t = w_hh^T [H, H], out [N, ld] (this direction's columns), h_n [B, H]
+Epilogue activation(bool relu) { return relu ? Epilogue::kRelu : Epilogue::kTanh; }
+Epilogue activation_grad(bool relu) { return relu ? Epilogue::kReluGrad : Epilogue::kTanhGrad; }
+
+// One direction's recurrence over out, which already holds the input projection plus bias:
+// out[t] = act(out[t] + h_{t-1} @ w_hh^T).
+//   hx [B, H], w_hh_t = w_hh^T packed, out [N, ld] (this direction's columns), h_n [B, H]
 template <typename T>
 void forward_direction(
-    const StepSchedule& steps, bool reverse, bool relu, int64_t H,
-    const T* hx, const T* w_hh_t, T* out, int64_t ld, T* h_n) {
+    const StepSchedule& steps, bool reverse, bool relu, int64_t H, const T* hx,
+    const PackedWeight<T>& w_hh_t, T* out, int64_t ld, T* h_n, bool single_thread) {
+  const Epilogue act = activation(relu);
   const int64_t T_steps = steps.steps();
   if (!reverse) {
     for (int64_t t = 0; t < T_steps; ++t) {
       const int64_t rows = steps.size(t);
       T* h = out + steps.offset(t) * ld;
       if (t == 0) {
-        gemm_acc(rows, H, H, hx, H, w_hh_t, H, h, ld);
+        step(rows, hx, H, w_hh_t, h, ld, act, nullptr, 0, single_thread);
       } else {
-        gemm_acc(rows, H, H, out + steps.offset(t - 1) * ld, ld, w_hh_t, H, h, ld);
+        step(rows, out + steps.offset(t - 1) * ld, ld, w_hh_t, h, ld, act, nullptr, 0, single_thread);
       }
-      activate_rows(h, rows, H, ld, relu);
       // Sequences that end at this step leave their last state in h_n.
       const int64_t ending = steps.size_after(t);
       copy_rows(h_n + ending * H, H, h + ending * ld, ld, rows - ending, H);
@@ -72,10 +76,9 @@ void forward_direction(
     const int64_t continuing = steps.size_after(t);
     T* h = out + steps.offset(t) * ld;
     if (continuing > 0) {
-      gemm_acc(continuing, H, H, out + steps.offset(t + 1) * ld, ld, w_hh_t, H, h, ld);
+      step(continuing, out + steps.offset(t + 1) * ld, ld, w_hh_t, h, ld, act, nullptr, 0, single_thread);
     }
-    gemm_acc(rows - continuing, H, H, hx + continuing * H, H, w_hh_t, H, h + continuing * ld, ld);
-    activate_rows(h, rows, H, ld, relu);
+    step(rows - continuing, hx + continuing * H, H, w_hh_t, h + continuing * ld, ld, act, nullptr, 0, single_thread);
   }
   if (T_steps > 0) {
     copy_rows(h_n, H, out, ld, steps.size(0), H);
@@ -83,25 +86,30 @@ void forward_direction(
 }
 
 // One direction's walk against time. On entry grad_z holds grad_output; on exit, the gradient
-// of the pre-activation z_t = x_t w_ih^T + b + h_{t-1} w_hh^T.
-//   grad_h_n [B, H], out [N, ld], w_hh [H, H], grad_z [N, ld], grad_hx [B, H] (zeroed)
+// of the pre-activation z_t = x_t w_ih^T + b + h_{t-1} w_hh^T:
+// grad_z[t] = (grad_output[t] + grad_z[t+1] @ w_hh, or grad_h_n where a sequence ends) * act'.
+//   grad_h_n [B, H], out [N, ld], w_hh packed, grad_z [N, ld], grad_hx [B, H] (zeroed)
 template <typename T>
 void backward_direction(
-    const StepSchedule& steps, bool reverse, bool relu, int64_t H,
-    const T* grad_h_n, const T* out, const T* w_hh, T* grad_z, int64_t ld, T* grad_hx) {
+    const StepSchedule& steps, bool reverse, bool relu, int64_t H, const T* grad_h_n, const T* out,
+    const PackedWeight<T>& w_hh, T* grad_z, int64_t ld, T* grad_hx, bool single_thread) {
+  const Epilogue act_grad = activation_grad(relu);
   const int64_t T_steps = steps.steps();
   if (!reverse) {
     for (int64_t t = T_steps - 1; t >= 0; --t) {
       const int64_t rows = steps.size(t);
       const int64_t continuing = steps.size_after(t);
       T* g = grad_z + steps.offset(t) * ld;
+      const T* y = out + steps.offset(t) * ld;
       // Rows that ended here received grad_h_n; the others the gradient flowing back from t + 1.
       add_rows(g + continuing * ld, ld, grad_h_n + continuing * H, H, rows - continuing, H);
-      gemm_acc(continuing, H, H, grad_z + steps.offset(t + 1 < T_steps ? t + 1 : t) * ld, ld, w_hh, H, g, ld);
-      scale_by_activation_grad(g, out + steps.offset(t) * ld, rows, H, ld, relu);
+      if (continuing > 0) {
+        step(continuing, grad_z + steps.offset(t + 1) * ld, ld, w_hh, g, ld, act_grad, y, ld, single_thread);
+      }
+      step<T>(rows - continuing, nullptr, 0, w_hh, g + continuing * ld, ld, act_grad, y + continuing * ld, ld, single_thread);
     }
     if (T_steps > 0) {
-      gemm_acc(steps.size(0), H, H, grad_z, ld, w_hh, H, grad_hx, H);
+      step(steps.size(0), grad_z, ld, w_hh, grad_hx, H, Epilogue::kNone, nullptr, 0, single_thread);
     }
     return;
   }
@@ -109,14 +117,15 @@ void backward_direction(
     const int64_t rows = steps.size(t);
     const int64_t continuing = steps.size_after(t);
     T* g = grad_z + steps.offset(t) * ld;
+    const T* y = out + steps.offset(t) * ld;
     if (t == 0) {
       add_rows(g, ld, grad_h_n, H, rows, H);
+      step<T>(rows, nullptr, 0, w_hh, g, ld, act_grad, y, ld, single_thread);
     } else {
-      gemm_acc(rows, H, H, grad_z + steps.offset(t - 1) * ld, ld, w_hh, H, g, ld);
+      step(rows, grad_z + steps.offset(t - 1) * ld, ld, w_hh, g, ld, act_grad, y, ld, single_thread);
     }
-    scale_by_activation_grad(g, out + steps.offset(t) * ld, rows, H, ld, relu);
     // Sequences that started (in reverse) at this step started from hx.
-    gemm_acc(rows - continuing, H, H, g + continuing * ld, ld, w_hh, H, grad_hx + continuing * H, H);
+    step(rows - continuing, g + continuing * ld, ld, w_hh, grad_hx + continuing * H, H, Epilogue::kNone, nullptr, 0, single_thread);
   }
 }
 
@@ -144,15 +153,16 @@ void gather_previous_states(
   }
 }
 
-// Both directions run side by side on two threads when each step is too small for a threaded GEMM.
+// Both directions run side by side on two threads, each single-threaded (no per-step
+// synchronisation); one direction splits each step's tiles over the threads instead.
 template <typename F>
 void for_each_direction(const LayerSizes& s, F&& body) {
-  if (s.D > 1 && is_small_gemm(s.B, s.H, s.H)) {
+  if (s.D > 1 && at::get_num_threads() > 1) {
     at::parallel_for(0, s.D, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t d = begin; d < end; ++d) body(d);
+      for (int64_t d = begin; d < end; ++d) body(d, /*single_thread=*/true);
     });
   } else {
-    for (int64_t d = 0; d < s.D; ++d) body(d);
+    for (int64_t d = 0; d < s.D; ++d) body(d, /*single_thread=*/false);
   }
 }
 
@@ -183,15 +193,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
 
   const StepSchedule steps(batch_sizes, s.N, s.B);
   const auto h0 = hx.contiguous();
-  std::vector<at::Tensor> w_hh_t(s.D);
-  for (int64_t d = 0; d < s.D; ++d) {
-    w_hh_t[d] = direction_weights(weights, d, s.has_bias).w_hh.t().contiguous();
-  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu", [&] {
-    for_each_direction(s, [&](int64_t d) {
+    for_each_direction(s, [&](int64_t d, bool single_thread) {
+      const auto w_hh_t = direction_weights(weights, d, s.has_bias).w_hh.t().contiguous();
+      const PackedWeight<scalar_t> packed(w_hh_t.data_ptr<scalar_t>(), s.H, s.H, s.H);
       forward_direction<scalar_t>(
-          steps, d == 1, relu, s.H, h0[d].data_ptr<scalar_t>(), w_hh_t[d].data_ptr<scalar_t>(),
-          output.data_ptr<scalar_t>() + d * s.H, s.D * s.H, h_n[d].data_ptr<scalar_t>());
+          steps, d == 1, relu, s.H, h0[d].data_ptr<scalar_t>(), packed, output.data_ptr<scalar_t>() + d * s.H,
+          s.D * s.H, h_n[d].data_ptr<scalar_t>(), single_thread);
     });
   });
   return {output, h_n};
@@ -222,11 +230,12 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   auto grad_hx = at::zeros({s.D, s.B, s.H}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu", [&] {
-    for_each_direction(s, [&](int64_t d) {
+    for_each_direction(s, [&](int64_t d, bool single_thread) {
       const auto w_hh = direction_weights(weights, d, s.has_bias).w_hh.contiguous();
+      const PackedWeight<scalar_t> packed(w_hh.data_ptr<scalar_t>(), s.H, s.H, s.H);
       backward_direction<scalar_t>(
           steps, d == 1, relu, s.H, grad_last[d].data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + d * s.H,
-          w_hh.data_ptr<scalar_t>(), grad_z.data_ptr<scalar_t>() + d * s.H, ld, grad_hx[d].data_ptr<scalar_t>());
+          packed, grad_z.data_ptr<scalar_t>() + d * s.H, ld, grad_hx[d].data_ptr<scalar_t>(), single_thread);
     });
   });
 
