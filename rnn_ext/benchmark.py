@@ -12,7 +12,7 @@ table reports medians over rounds:
 * GFLOP/s of rnn_ext, counting ``2 * (I_l*H + H*H) * tokens * D`` per layer for the forward
   (``I_l`` = I for layer 0, D*H above; tokens = B*L, or the real tokens when packed) and three
   times that for fwd+bwd, and its share of this machine's SGEMM peak (a large float32
-  ``torch.mm`` timed in the same run).
+  ``torch.mm`` timed in the same run, before and after the shapes).
 
 With ``--packed`` each batch has lengths drawn uniformly from [1, L] (seeded) and is packed with
 ``pack_padded_sequence(enforce_sorted=False)``; rnn_ext also runs the same batch padded to all
@@ -245,10 +245,11 @@ def make_timer(device):
 
 
 def calls_per_sample(fn, timer, min_time):
-    """Warms ``fn`` up with one call, then times one more: ``(calls per sample of at least
-    min_time seconds, seconds per call)``."""
-    timer(fn, 1)
+    """Warms ``fn`` up with a timed call, and when that was shorter than ``min_time`` times one
+    more; returns ``(calls per sample of at least min_time seconds, seconds per call)``."""
     seconds = timer(fn, 1)
+    if seconds < min_time:
+        seconds = timer(fn, 1)
     return max(1, math.ceil(min_time / max(seconds, 1e-9))), seconds
 
 
@@ -256,15 +257,18 @@ def time_interleaved(fns, timer, rounds, min_time, budget=0.0, on_round=None):
     """Median seconds per call of each of ``fns`` (a name -> callable dict), timed in rounds.
 
     Each round takes one sample (of enough calls to last ``min_time``) of every function, in an
-    order reversed every other round. ``budget`` (seconds, 0: none) lowers the rounds when a
-    round is slow, down to MIN_ROUNDS (or ``rounds`` if fewer). Returns ``(medians, rounds_run)``.
+    order reversed every other round. ``budget`` (seconds for warm-up and rounds, 0: none) lowers
+    the rounds when they are slow, down to MIN_ROUNDS (or ``rounds`` if fewer). Returns
+    ``(medians, rounds_run)``.
     """
+    start = time.perf_counter()
     counts, round_cost = {}, 0.0
     for name, fn in fns.items():
         counts[name], seconds = calls_per_sample(fn, timer, min_time)
         round_cost += counts[name] * seconds
     if budget > 0:
-        rounds = min(rounds, max(MIN_ROUNDS, int(budget / max(round_cost, 1e-9))))
+        left = budget - (time.perf_counter() - start)
+        rounds = min(rounds, max(MIN_ROUNDS, int(left / max(round_cost, 1e-9))))
     samples = {name: [] for name in fns}
     names = list(fns)
     for index in range(rounds):
@@ -275,14 +279,16 @@ def time_interleaved(fns, timer, rounds, min_time, budget=0.0, on_round=None):
     return {name: statistics.median(values) for name, values in samples.items()}, rounds
 
 
-def measure_sgemm_peak(device, timer):
-    """GFLOP/s of a PEAK_SIZE-cubed float32 ``torch.mm``, median of PEAK_SAMPLES runs."""
-    size = PEAK_SIZE
+def sgemm_seconds(device, timer):
+    """Seconds of each of PEAK_SAMPLES PEAK_SIZE-cubed float32 ``torch.mm`` runs (after a warm-up)."""
     gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=gen).to(device) for _ in range(2))
+    a, b = (torch.randn(PEAK_SIZE, PEAK_SIZE, generator=gen).to(device) for _ in range(2))
     timer(lambda: torch.mm(a, b), 1)
-    seconds = statistics.median(timer(lambda: torch.mm(a, b), 1) for _ in range(PEAK_SAMPLES))
-    return 2 * size**3 / seconds / 1e9
+    return [timer(lambda: torch.mm(a, b), 1) for _ in range(PEAK_SAMPLES)]
+
+
+def sgemm_gflops(seconds):
+    return 2 * PEAK_SIZE**3 / statistics.median(seconds) / 1e9
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -299,10 +305,10 @@ class Row:
     shape: Shape
     rounds: int
     tokens: int
-    peak_gflops: float
     reference: dict  # mode -> seconds, nn.RNN
     ours: dict  # mode -> seconds, rnn_ext
     padded: dict | None = None  # mode -> seconds, rnn_ext on the padded batch (only with --packed)
+    peak_gflops: float = math.nan  # this run's SGEMM GFLOP/s
 
     @property
     def packed(self):
@@ -409,8 +415,10 @@ def run_info(args, device, peak_gflops):
         ("device", str(device)),
         ("dtype", args.dtype),
         ("threads", str(torch.get_num_threads())),
-        ("rounds", f"{args.rounds} (median; at least {args.min_time * 1e3:g} ms per sample)"),
-        ("SGEMM peak", f"{peak_gflops:.1f} GFLOP/s ({PEAK_SIZE}^3 float32 torch.mm, median of {PEAK_SAMPLES})"),
+        ("rounds", f"up to {args.rounds} per shape, medians; samples of at least {args.min_time * 1e3:g} ms; "
+         f"shape budget {args.shape_budget:g} s"),
+        ("SGEMM peak", f"{peak_gflops:.1f} GFLOP/s ({PEAK_SIZE}^3 float32 torch.mm, median of {PEAK_SAMPLES} "
+         f"runs before and {PEAK_SAMPLES} after the shapes)"),
         ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
         ("command", args.command),
     ]
@@ -470,7 +478,7 @@ def plot_speedups(rows, path, title="rnn_ext.RNN vs torch.nn.RNN"):
 # -- driver -------------------------------------------------------------------------------------
 
 
-def benchmark_shape(shape, args, device, dtype, timer, peak_gflops, on_round):
+def benchmark_shape(shape, args, device, dtype, timer, on_round):
     reference, ours = build_models(shape, dtype, device, args.seed)
     dense, packed = make_batches(shape, dtype, device, args.seed, args.packed)
     batch = packed if args.packed else dense
@@ -487,7 +495,7 @@ def benchmark_shape(shape, args, device, dtype, timer, peak_gflops, on_round):
     medians, rounds = time_interleaved(fns, timer, args.rounds, args.min_time, args.shape_budget, on_round)
     results = {kind: {mode: medians[kind, mode] for mode in MODES} for kind in ("reference", "ours")}
     padded = {mode: medians["padded", mode] for mode in MODES} if args.packed else None
-    return Row(shape, rounds, batch.tokens, peak_gflops, results["reference"], results["ours"], padded)
+    return Row(shape, rounds, batch.tokens, results["reference"], results["ours"], padded)
 
 
 def run_benchmark(args, shapes, device):
@@ -495,15 +503,18 @@ def run_benchmark(args, shapes, device):
 
     dtype = DTYPES[args.dtype]
     timer = make_timer(device)
-    peak_gflops = measure_sgemm_peak(device, timer)
+    peak_seconds = sgemm_seconds(device, timer)  # half before the shapes, half after: noise hits it too
     rows = []
     with tqdm(total=len(shapes) * args.rounds, unit="round", file=sys.stderr, dynamic_ncols=True) as bar:
         for shape in shapes:
             bar.set_postfix_str(shape.label)
-            row = benchmark_shape(shape, args, device, dtype, timer, peak_gflops, lambda: bar.update(1))
+            row = benchmark_shape(shape, args, device, dtype, timer, lambda: bar.update(1))
             bar.update(args.rounds - row.rounds)  # rounds the shape budget skipped
             rows.append(row)
             gc.collect()
+    peak_gflops = sgemm_gflops(peak_seconds + sgemm_seconds(device, timer))
+    for row in rows:
+        row.peak_gflops = peak_gflops
     return rows, peak_gflops
 
 
@@ -526,8 +537,9 @@ def build_parser():
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape (default: %(default)s)")
     parser.add_argument("--min-time", type=float, default=0.02,
                         help="least seconds per timed sample (default: %(default)s)")
-    parser.add_argument("--shape-budget", type=float, default=25.0,
-                        help=f"seconds of timing per shape before rounds are cut (to no fewer than {MIN_ROUNDS}); "
+    parser.add_argument("--shape-budget", type=float, default=20.0,
+                        help="seconds of warm-up and timing per shape, past which rounds are cut (to no fewer than "
+                        f"{MIN_ROUNDS}); "
                         "0: never cut (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="weights, inputs and lengths (default: %(default)s)")

@@ -71,5 +71,6 @@ def test_main_writes_table_markdown_and_plot(tmp_path, monkeypatch, packed):
     assert "| shape B,L,I,H,layers,bidir | rounds | fwd nn.RNN ms | fwd rnn_ext ms | fwd speedup |" in text
     assert "| 2,5,3,4,1,yes | 1 |" in text
     assert ("packed/padded" in text) == packed
-    assert "- dtype: float32" in text and "- threads: " in text
+    assert "- dtype: float32" in text and "- threads: " in text and "- SGEMM peak: " in text
+    assert "{" not in text  # every header field was formatted
     assert plot.read_bytes().startswith(b"\x89PNG")
