@@ -505,7 +505,7 @@ def run_benchmark(args, shapes, device):
 
     dtype = DTYPES[args.dtype]
     timer = make_timer(device)
-    peak_seconds = sgemm_seconds(device, timer)  # half before the shapes, half after: noise hits it too
+    peak_seconds = sgemm_seconds(device, timer)  # more runs after the shapes, under the load then
     rows = []
     with tqdm(total=len(shapes) * args.rounds, unit="round", file=sys.stderr, dynamic_ncols=True) as bar:
         for shape in shapes:
