@@ -64,8 +64,10 @@ def extension():
     debug = env_flag("DEBUG")
     sanitize = env_flag("SANITIZE")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-ffp-contract=fast", "-fvisibility=hidden"]
-    link_flags = []
+    # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is compiled
+    # into this extension; without the flag it silently runs on one thread.
+    cxx_flags += ["-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if sanitize:
         cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         link_flags += ["-fsanitize=address,undefined"]

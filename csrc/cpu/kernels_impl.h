@@ -167,7 +167,10 @@ RNN_EXT_INLINE void tile(const StepJob<T>& job, const T* A, const T* W, T* C, in
     for (int64_t k = 0; k < job.K; ++k) {
       vec<T> b[NV];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) b[v] = load(W + (v / kVectorsPerPanel) * panel_stride + k * NR + (v % kVectorsPerPanel) * L);
+      for (int v = 0; v < NV; ++v) {
+        b[v] = load(W + (v / kVectorsPerPanel) * panel_stride + k * NR + (v % kVectorsPerPanel) * L);
+        asm("" : "+v"(b[v]));  // keep b in a register: reloading it for every row costs load bandwidth
+      }
 #pragma GCC unroll 8
       for (int i = 0; i < ROWS; ++i) {
         const T a = A[i * job.lda + k];  // scalar * vector broadcasts
@@ -186,7 +189,7 @@ template <typename T, int G>
 void tile_rows(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh) {
 #define RNN_EXT_TILE_CASE(R)                                                      \
   case R:                                                                         \
-    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= 2 * kMaxAcc) {    \
+    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {    \
       tile<T, R, G>(job, A, W, C, ldc, H, ldh);                                   \
       return;                                                                     \
     }                                                                             \
@@ -236,12 +239,14 @@ void run_tiles(const StepJob<T>& job, int64_t begin, int64_t end) {
   constexpr int NR = kPanelWidth<T>;
   const int64_t P = panels<T>(job.N);
   const int64_t g = panels_per_tile<T>(job.M);
-  const int64_t groups = (P + g - 1) / g;
+  const int64_t row_blocks = (job.M + kTileRows - 1) / kTileRows;
+  // Consecutive tiles share a panel group (and walk down the rows), so a panel is read from
+  // memory once and then served from cache to every row block.
   for (int64_t index = begin; index < end; ++index) {
-    const int64_t r0 = (index / groups) * kTileRows;
+    const int64_t r0 = (index % row_blocks) * kTileRows;
     const int64_t rows = job.M - r0 < kTileRows ? job.M - r0 : kTileRows;
     const T* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
-    int64_t p = (index % groups) * g;
+    int64_t p = (index / row_blocks) * g;
     const int64_t p_end = p + g < P ? p + g : P;
     const auto at = [&](int64_t panel, auto run) {
       const int64_t n0 = panel * NR;
