@@ -1,4 +1,4 @@
-"""Python side of the compiled ops: fake kernels for tracing, and autograd.
+"""Python side of the compiled ops: fake kernels for tracing (autograd is in csrc/autograd.cpp).
 
 ``torch.ops.rnn_ext.rnn_layer`` runs one layer (every direction) of the recurrence; shapes are
 documented in ``csrc/rnn.h``:
@@ -9,10 +9,9 @@ documented in ``csrc/rnn.h``:
     batch_sizes  [T] int64 CPU tensor, or None for dense input
     -> output    [N, D*H],   h_n [D, B, H]
 
-The weights are separate arguments rather than a list so that autograd needs no list handling
-(that costs more than the whole kernel on small shapes). ``rnn_layer_backward`` is its gradient,
-itself a registered op so that compiled graphs can hold it; it takes the weights as nn.RNN's flat
-list.
+The weights are separate arguments rather than a list so that autograd needs no list handling.
+``rnn_layer_backward`` is its gradient, itself a registered op so that compiled graphs can hold it;
+it takes the weights as nn.RNN's flat list.
 """
 import torch
 
@@ -46,10 +45,6 @@ def rnn_layer(input, hx, weights, batch_sizes, relu):
     return _rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu))
 
 
-def _present(weight_args):
-    return [w for w in weight_args if w is not None]
-
-
 @torch.library.register_fake("rnn_ext::rnn_layer")
 def _rnn_layer_fake(input, hx, *args):
     torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
@@ -72,34 +67,3 @@ def _rnn_layer_backward_fake(grad_output, grad_h_n, input, hx, weights, batch_si
     grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights
-
-
-def _setup_context(ctx, inputs, output):
-    input, hx, *weight_args, batch_sizes, relu = inputs
-    layer_output, _ = output
-    ctx.relu = relu
-    ctx.present = [w is not None for w in weight_args]
-    ctx.save_for_backward(input, hx, layer_output, batch_sizes, *_present(weight_args))
-
-
-def _backward(ctx, grad_output, grad_h_n):
-    input, hx, layer_output, batch_sizes, *weights = ctx.saved_tensors
-    need_input, need_hx, *need_weight_args = ctx.needs_input_grad[: 2 + _NUM_WEIGHT_ARGS]
-    need_weights = [need for need, present in zip(need_weight_args, ctx.present) if present]
-    output_mask = [need_input, need_hx, any(need_weights)]
-    grad_input, grad_hx, grad_weights = rnn_layer_backward(
-        grad_output, grad_h_n, input, hx, weights, batch_sizes, ctx.relu, layer_output, output_mask
-    )
-    grads = iter(grad_weights if output_mask[2] else [None] * len(weights))
-    grad_weight_args = [next(grads) if present else None for present in ctx.present]
-    grad_weight_args = [g if need else None for g, need in zip(grad_weight_args, need_weight_args)]
-    return (
-        grad_input if need_input else None,
-        grad_hx if need_hx else None,
-        *grad_weight_args,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd("rnn_ext::rnn_layer", _backward, setup_context=_setup_context)
