@@ -1,6 +1,7 @@
 // Op schemas (declared once, here), argument checks and the helpers every backend shares.
 // Backends only add implementations: csrc/cpu/rnn_cpu.cpp and csrc/cuda/rnn_cuda.cu.
 #include "rnn.h"
+#include "cpu/kernels.h"
 
 #include <Python.h>
 #include <torch/library.h>
@@ -26,6 +27,8 @@ TORCH_LIBRARY(rnn_ext, m) {
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
       "Tensor[] weights, Tensor? batch_sizes, bool relu, Tensor output, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor[])");
+  // The instruction set of the CPU kernels (RNN_EXT_CPU_ISA can lower it), for tests and reports.
+  m.def("cpu_isa() -> str", &rnn_ext::cpu::cpu_isa);
 }
 
 namespace rnn_ext {

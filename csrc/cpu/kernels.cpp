@@ -2,6 +2,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace rnn_ext::cpu {
 
 namespace {
@@ -27,10 +30,35 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// The best instruction set this CPU has, or the one RNN_EXT_CPU_ISA names (avx512, avx2,
+// baseline): a lower one runs the code an older CPU would, e.g. to test it.
+std::string pick_isa() {
+  const bool avx512 = cpu_has_avx512();
+  const bool avx2 = cpu_has_avx2();
+  const char* requested = std::getenv("RNN_EXT_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') {
+    return avx512 ? "avx512" : avx2 ? "avx2" : "baseline";
+  }
+  const std::string isa(requested);
+  TORCH_CHECK(
+      isa == "avx512" || isa == "avx2" || isa == "baseline",
+      "rnn_ext: RNN_EXT_CPU_ISA must be avx512, avx2 or baseline, got '", isa, "'");
+  TORCH_CHECK(
+      (isa != "avx512" || avx512) && (isa != "avx2" || avx2),
+      "rnn_ext: RNN_EXT_CPU_ISA=", isa, " but this CPU does not support it");
+  return isa;
+}
+
+const std::string& active_isa() {
+  static const std::string isa = pick_isa();
+  return isa;
+}
+
 template <typename T>
 IsaKernels<T> pick(IsaKernels<T> (*avx512)(), IsaKernels<T> (*avx2)(), IsaKernels<T> (*baseline)()) {
-  if (cpu_has_avx512()) return avx512();
-  if (cpu_has_avx2()) return avx2();
+  const std::string& isa = active_isa();
+  if (isa == "avx512") return avx512();
+  if (isa == "avx2") return avx2();
   return baseline();
 }
 
@@ -50,6 +78,10 @@ const IsaKernels<double>& kernels<double>() {
 }
 
 }  // namespace
+
+std::string cpu_isa() {
+  return active_isa();
+}
 
 template <typename T>
 PackedWeight<T>::PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N) : K_(K), N_(N) {

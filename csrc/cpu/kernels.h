@@ -6,11 +6,15 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "kernels_isa.h"
 
 namespace rnn_ext::cpu {
+
+// The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
+std::string cpu_isa();
 
 // W [K, N] (row-major, rows ldw apart), packed into the active ISA's column panels.
 template <typename T>
