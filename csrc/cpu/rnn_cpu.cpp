@@ -153,6 +153,16 @@ void gather_previous_states(
   }
 }
 
+// c[M, N] += a[M, K] @ w[K, N] with the step kernel, threaded over its tiles. For the
+// all-rows products (input projection, grad_input) it beats at::mm at these tall-skinny shapes.
+template <typename T>
+void add_product(const at::Tensor& a, const at::Tensor& w, at::Tensor& c) {
+  const auto a_ = a.contiguous();
+  const auto w_ = w.contiguous();
+  const PackedWeight<T> packed(w_.data_ptr<T>(), w_.size(1), w_.size(0), w_.size(1));
+  step<T>(a_.size(0), a_.data_ptr<T>(), a_.size(1), packed, c.data_ptr<T>(), c.size(1), Epilogue::kNone);
+}
+
 // Both directions run side by side on two threads, each single-threaded (no per-step
 // synchronisation); one direction splits each step's tiles over the threads instead.
 template <typename F>
@@ -186,10 +196,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
   const auto w_ih = stacked_w_ih(weights, s);
   const auto bias = stacked_bias(weights, s);
   if (bias.defined()) {
-    at::addmm_out(output, bias, x, w_ih.t());
+    output.copy_(bias.expand_as(output));
   } else {
-    at::mm_out(output, x, w_ih.t());
+    output.zero_();
   }
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu_projection", [&] {
+    add_product<scalar_t>(x, w_ih.t(), output);
+  });
 
   const StepSchedule steps(batch_sizes, s.N, s.B);
   const auto h0 = hx.contiguous();
@@ -241,7 +254,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
 
   at::Tensor grad_input = at::empty({0}, input.options());
   if (output_mask[0]) {
-    grad_input = at::mm(grad_z, stacked_w_ih(weights, s));
+    grad_input = at::zeros({s.N, s.I}, input.options());
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu_input", [&] {
+      add_product<scalar_t>(grad_z, stacked_w_ih(weights, s), grad_input);
+    });
   }
   if (!output_mask[1]) {
     grad_hx = at::empty({0}, input.options());
