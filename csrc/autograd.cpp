@@ -1,5 +1,8 @@
 // Autograd of rnn_layer: saves input, hx, the weights and the output; the backward calls the
 // rnn_layer_backward op (its own registered op, with a fake kernel, so compiled graphs hold it).
+// When the gradients must themselves be differentiable (create_graph=True: double backward,
+// gradient penalties, torch.func), the backward instead differentiates the layer rebuilt from
+// differentiable ATen ops, step by step: slower, but exact to any order, on every device.
 //
 // This lives in C++ rather than in torch.library.register_autograd: at small shapes the Python
 // autograd wrapper (argument re-binding, redispatch, Python forward/backward frames) cost more
@@ -56,6 +59,54 @@ std::optional<at::Tensor> as_optional(const at::Tensor& t) {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h).
+std::tuple<at::Tensor, at::Tensor> composite_layer(
+    const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const std::optional<at::Tensor>& batch_sizes, bool relu) {
+  const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes);
+  const StepSchedule steps(batch_sizes, s.N, s.B);
+  if (steps.steps() == 0) {
+    return {input.new_zeros({0, s.D * s.H}), hx.clone()};
+  }
+  const auto act = [relu](const at::Tensor& z) { return relu ? at::relu(z) : at::tanh(z); };
+  std::vector<at::Tensor> outputs, h_n;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const auto w = direction_weights(weights, d, s.has_bias);
+    auto projection = at::matmul(input, w.w_ih.t());
+    if (s.has_bias) projection = projection + w.b_ih + w.b_hh;
+    const auto h0 = hx.select(0, d);
+    const auto step = [&](int64_t t, const at::Tensor& h_prev) {
+      return act(projection.narrow(0, steps.offset(t), steps.size(t)) + at::matmul(h_prev, w.w_hh.t()));
+    };
+    std::vector<at::Tensor> states(steps.steps());
+    if (d == 0) {
+      // Rows [size_after(t), size(t)) end at step t; collected last-ending (lowest rows) first.
+      std::vector<at::Tensor> final_states;
+      at::Tensor h = h0;
+      for (int64_t t = 0; t < steps.steps(); ++t) {
+        h = step(t, h.narrow(0, 0, steps.size(t)));
+        states[t] = h;
+        const int64_t continuing = steps.size_after(t);
+        if (continuing < steps.size(t)) final_states.push_back(h.narrow(0, continuing, steps.size(t) - continuing));
+      }
+      std::reverse(final_states.begin(), final_states.end());
+      h_n.push_back(at::cat(final_states, 0));
+    } else {
+      // Reverse: a row starts from hx at its own last step.
+      at::Tensor h;
+      for (int64_t t = steps.steps() - 1; t >= 0; --t) {
+        const int64_t continuing = steps.size_after(t);
+        const auto starting = h0.narrow(0, continuing, steps.size(t) - continuing);
+        h = step(t, continuing == 0 ? starting : at::cat({h, starting}, 0));
+        states[t] = h;
+      }
+      h_n.push_back(h);
+    }
+    outputs.push_back(at::cat(states, 0));
+  }
+  return {at::cat(outputs, 1), at::stack(h_n, 0)};
+}
+
 class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
  public:
   static variable_list forward(
@@ -97,9 +148,12 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     }
     const bool need_weights = std::find(weight_needed.begin(), weight_needed.end(), true) != weight_needed.end();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), need_weights};
-    auto [grad_input, grad_hx, grad_weights] = backward_op().call(
-        grads[0], grads[1], input, hx, weights, as_optional(saved[3]), ctx->saved_data["relu"].toBool(), output,
-        mask);
+    const bool relu = ctx->saved_data["relu"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      return differentiable_backward(grads, input, hx, weights, weight_arg, weight_needed, saved[3], relu, mask);
+    }
+    auto [grad_input, grad_hx, grad_weights] =
+        backward_op().call(grads[0], grads[1], input, hx, weights, as_optional(saved[3]), relu, output, mask);
 
     variable_list result(2 + kWeightArgs + 2);  // + batch_sizes and relu, which get none
     if (mask[0]) result[0] = grad_input;
@@ -107,6 +161,31 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     for (size_t k = 0; need_weights && k < weights.size(); ++k) {
       if (weight_needed[k]) result[weight_arg[k]] = grad_weights[k];
     }
+    return result;
+  }
+
+ private:
+  // The gradients as a graph of their own: autograd through composite_layer.
+  static variable_list differentiable_backward(
+      const variable_list& grads, const at::Tensor& input, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
+      const std::vector<int>& weight_arg, const std::vector<bool>& weight_needed, const at::Tensor& batch_sizes,
+      bool relu, const std::array<bool, 3>& mask) {
+    std::vector<at::Tensor> wrt;
+    std::vector<int> wrt_arg;  // forward argument index of each tensor in wrt
+    if (mask[0]) wrt.push_back(input), wrt_arg.push_back(0);
+    if (mask[1]) wrt.push_back(hx), wrt_arg.push_back(1);
+    for (size_t k = 0; k < weights.size(); ++k) {
+      if (weight_needed[k]) wrt.push_back(weights[k]), wrt_arg.push_back(weight_arg[k]);
+    }
+    variable_list result(2 + kWeightArgs + 2);
+    if (wrt.empty()) return result;
+    auto [output, h_n] = composite_layer(input, hx, weights, as_optional(batch_sizes), relu);
+    const auto grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
+    const auto grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h_n);
+    const auto wrt_grads = torch::autograd::grad(
+        {output, h_n}, wrt, {grad_output, grad_h_n}, /*retain_graph=*/true, /*create_graph=*/true,
+        /*allow_unused=*/true);
+    for (size_t k = 0; k < wrt.size(); ++k) result[wrt_arg[k]] = wrt_grads[k];
     return result;
   }
 };

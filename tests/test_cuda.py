@@ -257,6 +257,21 @@ def test_gradcheck_module(nonlinearity):
     assert torch.autograd.gradcheck(run, [x, hx, *params])
 
 
+@requires_cuda
+def test_gradgradcheck_module():
+    """Double backward, which cuDNN's nn.RNN lacks."""
+    model, _ = model_pair(3, 4, 2, "tanh", True, True, True, torch.float64)
+    names = [name for name, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = randn(2, 3, 3, seed=14).requires_grad_()
+    hx = randn(4, 2, 4, seed=15).requires_grad_()
+
+    def run(x, hx, *params):
+        return torch.func.functional_call(model, dict(zip(names, params)), (x, hx))
+
+    assert torch.autograd.gradgradcheck(run, [x, hx, *params])
+
+
 def opcheck_samples():
     """(args) samples of rnn_layer on DEVICE: dense and packed, one and two directions, with and without bias."""
     samples = []
