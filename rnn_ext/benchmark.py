@@ -413,7 +413,7 @@ def run_info(args, device, peak_gflops):
     return [
         ("machine", machine),
         ("torch", torch.__version__),
-        ("rnn_ext", rnn_ext.__version__),
+        ("rnn_ext", f"{rnn_ext.__version__} (CPU kernels: {rnn_ext.cpu_isa()})"),
         ("device", str(device)),
         ("dtype", args.dtype),
         ("threads", str(torch.get_num_threads())),
