@@ -120,7 +120,7 @@ def test_amp_runs_on_cpu_in_bfloat16():
     full_run = run_example("--steps", 6)
     assert all(math.isfinite(loss) for loss in amp_run.losses)
     assert amp_run.losses != full_run.losses  # autocast changed the arithmetic...
-    torch.testing.assert_close(amp_run.losses, full_run.losses, rtol=0, atol=0.1)  # ...by bfloat16 rounding
+    torch.testing.assert_close(amp_run.losses, full_run.losses, rtol=0, atol=0.02)  # ...by rounding (3e-4 seen)
     ids = amp_run.vocab.encode("ROME")[None]
     with example.autocast(torch.device("cpu"), amp=True):
         output, _ = amp_run.model.rnn(amp_run.model.embedding(ids))
