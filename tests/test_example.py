@@ -6,6 +6,7 @@ The example is not part of the installed package: it is imported from its file n
 """
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,9 +137,12 @@ def test_plot_trains_both_implementations(tmp_path, capsys):
 
 
 def test_script_runs_from_the_command_line(tmp_path):
+    # The script imports the same rnn_ext as this test process does (installed or built in place).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rnn_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, str(EXAMPLE_PATH), *TINY, "--steps", "2"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "validation loss:" in result.stdout

@@ -153,6 +153,33 @@ void gather_previous_states(
   }
 }
 
+// weight_grads (rnn.h) for dense batches, without gathering h_prev: the state a row's step
+// started from is the output B rows earlier (later in the reverse direction), or hx for the
+// first step's rows.
+//   grad_z, out [N, D*H], hx [D, B, H], input [N, I]
+std::vector<at::Tensor> dense_weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& out, const at::Tensor& hx, const at::Tensor& input,
+    const LayerSizes& s) {
+  const int64_t later = s.N - s.B;  // rows whose step started from an output
+  const auto x = input.contiguous();
+  const auto grad_b = s.has_bias ? grad_z.sum(0) : at::Tensor();
+  std::vector<at::Tensor> grads;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const auto grad_z_d = grad_z.narrow(1, d * s.H, s.H);
+    const auto out_d = out.narrow(1, d * s.H, s.H);
+    grads.push_back(at::mm(grad_z_d.t(), x));
+    const bool reverse = d == 1;
+    auto grad_w_hh = at::mm(grad_z_d.narrow(0, reverse ? 0 : s.B, later).t(), out_d.narrow(0, reverse ? s.B : 0, later));
+    grad_w_hh.addmm_(grad_z_d.narrow(0, reverse ? later : 0, s.B).t(), hx[d]);
+    grads.push_back(grad_w_hh);
+    if (s.has_bias) {
+      grads.push_back(grad_b.narrow(0, d * s.H, s.H).clone());
+      grads.push_back(grad_b.narrow(0, d * s.H, s.H).clone());
+    }
+  }
+  return grads;
+}
+
 // c[M, N] += a[M, K] @ w[K, N] with the step kernel, threaded over its tiles. For the
 // all-rows products (input projection, grad_input) it beats at::mm at these tall-skinny shapes.
 template <typename T>
@@ -263,7 +290,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
     grad_hx = at::empty({0}, input.options());
   }
   std::vector<at::Tensor> grad_weights;
-  if (output_mask[2]) {
+  if (output_mask[2] && !batch_sizes.has_value()) {
+    grad_weights = dense_weight_grads(grad_z, out, h0, input, s);
+  } else if (output_mask[2]) {
     auto h_prev = at::empty({s.N, ld}, input.options());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu_states", [&] {
       for (int64_t d = 0; d < s.D; ++d) {
