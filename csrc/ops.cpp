@@ -206,6 +206,17 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
   return sizes.D == 1 ? biases[0] : at::cat(biases, 0);
 }
 
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
+    const at::Tensor& input, const at::Tensor& grad_h_n, at::TensorList weights, std::array<bool, 3> output_mask) {
+  const auto skipped = at::empty({0}, input.options());
+  std::vector<at::Tensor> grad_weights;
+  if (output_mask[2]) {
+    for (const auto& w : weights) grad_weights.push_back(at::zeros_like(w, at::MemoryFormat::Contiguous));
+  }
+  return {output_mask[0] ? at::zeros_like(input) : skipped, output_mask[1] ? grad_h_n.clone() : skipped,
+          grad_weights};
+}
+
 std::vector<at::Tensor> weight_grads(
     const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes) {
   const int64_t H = sizes.H;

@@ -14,7 +14,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace rnn_ext {
@@ -73,6 +75,11 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 // grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T h_prev per direction, grad_b = sum of grad_z rows.
 std::vector<at::Tensor> weight_grads(
     const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes);
+
+// rnn_layer_backward's result when the layer ran no step (N == 0): h_n was hx, so grad_hx is
+// grad_h_n and every other gradient is zero. Each backend returns it before its time walk.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
+    const at::Tensor& input, const at::Tensor& grad_h_n, at::TensorList weights, std::array<bool, 3> output_mask);
 
 // rnn_layer takes its weights as separate arguments (w_ih, w_hh, b_ih?, b_hh?, then the same four
 // of the reverse direction, all optional), so that its Python autograd layer handles no lists.

@@ -258,6 +258,19 @@ def test_gradcheck_module(nonlinearity):
 
 
 @requires_cuda
+@pytest.mark.parametrize("D", [1, 2])
+def test_gradcheck_op_with_no_steps(D):
+    """No step runs: h_n is hx, so grad_hx must be grad_h_n (not zeros)."""
+    x, hx, weights = layer_args([], 3, 3, 4, D, True, torch.float64, DEVICE, seed=16)
+    inputs = [t.requires_grad_() for t in [x, hx, *weights]]
+
+    def layer(x, hx, *weights):
+        return rnn_ext.ops.rnn_layer(x, hx, list(weights), None, False)
+
+    assert torch.autograd.gradcheck(layer, inputs)
+
+
+@requires_cuda
 def test_gradgradcheck_module():
     """Double backward, which cuDNN's nn.RNN lacks."""
     model, _ = model_pair(3, 4, 2, "tanh", True, True, True, torch.float64)

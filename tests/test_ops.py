@@ -31,6 +31,8 @@ SAMPLES = {
     "dense": {},
     "dense-bidir": {"directions": 2},
     "dense-nobias-relu": {"bias": False, "relu": True},
+    "dense-one-step-bidir": {"seq_len": 1, "directions": 2},
+    "dense-no-steps-bidir": {"seq_len": 0, "directions": 2},
     "packed": {"batch_sizes": [3, 3, 2, 1]},
     "packed-bidir": {"batch_sizes": [3, 2, 2, 1, 1], "directions": 2},
     "packed-bidir-relu-nobias": {"batch_sizes": [2, 2, 1], "directions": 2, "relu": True, "bias": False},

@@ -260,6 +260,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
     return {grad_input.to(dtype), grad_hx.to(dtype), grad_weights};
   }
 
+  if (s.N == 0) {
+    return no_step_backward(input, grad_h_n, weights, output_mask);
+  }
   const int64_t ld = s.D * s.H;
   const StepSchedule steps(batch_sizes, s.N, s.B);
   const auto out = output.contiguous();

@@ -325,6 +325,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
   check_cuda_input(input);
   const c10::cuda::CUDAGuard guard(input.device());
   check_int_sizes(s);
+  if (s.N == 0) {
+    return no_step_backward(input, grad_h_n, weights, output_mask);
+  }
   const int64_t ld = s.D * s.H;
   const StepSchedule steps(batch_sizes, s.N, s.B);
 
