@@ -218,7 +218,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
 }
 
 std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes) {
+    const at::Tensor& grad_z, const at::Tensor& input, const LayerSizes& sizes,
+    const std::function<at::Tensor(int64_t, const at::Tensor&)>& grad_w_hh) {
   const int64_t H = sizes.H;
   const auto x = input.contiguous();
   const auto grad_b = sizes.has_bias ? grad_z.sum(0) : at::Tensor();
@@ -226,7 +227,7 @@ std::vector<at::Tensor> weight_grads(
   for (int64_t d = 0; d < sizes.D; ++d) {
     const auto grad_z_d = grad_z.narrow(1, d * H, H);
     grads.push_back(at::mm(grad_z_d.t(), x));
-    grads.push_back(at::mm(grad_z_d.t(), h_prev.narrow(1, d * H, H)));
+    grads.push_back(grad_w_hh(d, grad_z_d));
     if (sizes.has_bias) {
       // b_ih and b_hh get equal, but separate, gradients: op outputs must not alias.
       grads.push_back(grad_b.narrow(0, d * H, H).clone());
@@ -234,6 +235,13 @@ std::vector<at::Tensor> weight_grads(
     }
   }
   return grads;
+}
+
+std::vector<at::Tensor> weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes) {
+  return weight_grads(grad_z, input, sizes, [&](int64_t d, const at::Tensor& grad_z_d) {
+    return at::mm(grad_z_d.t(), h_prev.narrow(1, d * sizes.H, sizes.H));
+  });
 }
 
 }  // namespace rnn_ext

@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -75,6 +76,12 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 // grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T h_prev per direction, grad_b = sum of grad_z rows.
 std::vector<at::Tensor> weight_grads(
     const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes);
+
+// The same, with grad_w_hh of direction d given by grad_w_hh(d, grad_z_d), grad_z_d [N, H],
+// for backends that get it without materialising h_prev.
+std::vector<at::Tensor> weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& input, const LayerSizes& sizes,
+    const std::function<at::Tensor(int64_t, const at::Tensor&)>& grad_w_hh);
 
 // rnn_layer_backward's result when the layer ran no step (N == 0): h_n was hx, so grad_hx is
 // grad_h_n and every other gradient is zero. Each backend returns it before its time walk.

@@ -1,5 +1,6 @@
 """The two references every test compares against: a plain PyTorch loop, and torch.nn.RNN."""
 import copy
+import os
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -120,3 +121,11 @@ def packed_batch(lengths, input_size, dtype=torch.float64, enforce_sorted=False,
     packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce_sorted)
     data = packed.data.detach().requires_grad_()
     return padded, type(packed)(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+def subprocess_env(**variables):
+    """os.environ plus variables, with PYTHONPATH leading to the rnn_ext this process imported
+    (installed or built in place), for tests that run Python in a subprocess."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rnn_ext.__file__)))
+    path = os.pathsep.join(p for p in [package_root, os.environ.get("PYTHONPATH")] if p)
+    return dict(os.environ, PYTHONPATH=path, **variables)

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 import rnn_ext
+from reference import subprocess_env
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,11 +54,7 @@ PARITY_SCRIPT = textwrap.dedent("""
 
 
 def run_with_isa(isa, script):
-    env = dict(os.environ, RNN_EXT_CPU_ISA=isa)
-    # The subprocess imports the same rnn_ext as this test process does.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rnn_ext.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-c", script], env=subprocess_env(RNN_EXT_CPU_ISA=isa), capture_output=True, text=True,
                           timeout=300, cwd=TESTS_DIR)
 
 

@@ -6,7 +6,6 @@ The example is not part of the installed package: it is imported from its file n
 """
 import importlib.util
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import rnn_ext
+from reference import subprocess_env
 
 EXAMPLE_PATH = Path(__file__).resolve().parents[1] / "examples" / "train_char_rnn.py"
 TINY = ["--hidden-size", "32", "--batch-size", "8", "--seq-len", "24", "--sample-length", "20"]
@@ -137,12 +137,9 @@ def test_plot_trains_both_implementations(tmp_path, capsys):
 
 
 def test_script_runs_from_the_command_line(tmp_path):
-    # The script imports the same rnn_ext as this test process does (installed or built in place).
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(rnn_ext.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, str(EXAMPLE_PATH), *TINY, "--steps", "2"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env(),
     )
     assert result.returncode == 0, result.stderr
     assert "validation loss:" in result.stdout

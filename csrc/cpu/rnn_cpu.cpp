@@ -161,23 +161,12 @@ std::vector<at::Tensor> dense_weight_grads(
     const at::Tensor& grad_z, const at::Tensor& out, const at::Tensor& hx, const at::Tensor& input,
     const LayerSizes& s) {
   const int64_t later = s.N - s.B;  // rows whose step started from an output
-  const auto x = input.contiguous();
-  const auto grad_b = s.has_bias ? grad_z.sum(0) : at::Tensor();
-  std::vector<at::Tensor> grads;
-  for (int64_t d = 0; d < s.D; ++d) {
-    const auto grad_z_d = grad_z.narrow(1, d * s.H, s.H);
-    const auto out_d = out.narrow(1, d * s.H, s.H);
-    grads.push_back(at::mm(grad_z_d.t(), x));
+  return weight_grads(grad_z, input, s, [&](int64_t d, const at::Tensor& grad_z_d) {
     const bool reverse = d == 1;
+    const auto out_d = out.narrow(1, d * s.H, s.H);
     auto grad_w_hh = at::mm(grad_z_d.narrow(0, reverse ? 0 : s.B, later).t(), out_d.narrow(0, reverse ? s.B : 0, later));
-    grad_w_hh.addmm_(grad_z_d.narrow(0, reverse ? later : 0, s.B).t(), hx[d]);
-    grads.push_back(grad_w_hh);
-    if (s.has_bias) {
-      grads.push_back(grad_b.narrow(0, d * s.H, s.H).clone());
-      grads.push_back(grad_b.narrow(0, d * s.H, s.H).clone());
-    }
-  }
-  return grads;
+    return grad_w_hh.addmm_(grad_z_d.narrow(0, reverse ? later : 0, s.B).t(), hx[d]);
+  });
 }
 
 // c[M, N] += a[M, K] @ w[K, N] with the step kernel, threaded over its tiles. For the
