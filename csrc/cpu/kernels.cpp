@@ -92,23 +92,38 @@ PackedWeight<T>::PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N) : K
 }
 
 template <typename T>
-void step(
-    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<T>* H, int64_t ldh, bool single_thread) {
-  if (M <= 0 || W.N() <= 0) return;
+void run(const StepJob<T>& job, bool single_thread) {
+  if (job.M <= 0 || job.N <= 0) return;
   const IsaKernels<T>& k = kernels<T>();
-  const StepJob<T> job{M, W.N(), W.K(), A, lda, W.data(), C, ldc, epilogue, H, ldh};
-  const int64_t tiles = k.num_tiles(M, W.N());
-  if (single_thread || tiles < 2 || A == nullptr || M * W.N() * W.K() < kParallelMinMacs) {
+  const int64_t tiles = k.num_tiles(job.M, job.N);
+  if (single_thread || tiles < 2 || job.A == nullptr || job.M * job.N * job.K < kParallelMinMacs) {
     k.run_tiles(job, 0, tiles);
     return;
   }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { k.run_tiles(job, begin, end); });
 }
 
+template <typename T>
+void step(
+    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
+    Epilogue epilogue, const std::type_identity_t<T>* H, int64_t ldh, bool single_thread) {
+  run(StepJob<T>{M, W.N(), W.K(), A, lda, W.data(), C, ldc, epilogue, H, ldh, /*accumulate=*/true, nullptr},
+      single_thread);
+}
+
+template <typename T>
+void product(
+    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
+    const std::type_identity_t<T>* row) {
+  run(StepJob<T>{M, W.N(), W.K(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0, /*accumulate=*/false, row},
+      /*single_thread=*/false);
+}
+
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool);
 template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool);
+template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*);
+template void product<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, const double*);
 
 }  // namespace rnn_ext::cpu

@@ -37,4 +37,11 @@ void step(
     int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
     Epilogue epilogue, const std::type_identity_t<T>* H = nullptr, int64_t ldh = 0, bool single_thread = false);
 
+// C[M, N] = row + A[M, K] @ W, row [N] added to every row (nullptr: nothing), threaded over tiles:
+// the all-rows products (input projection with its bias, grad_input), with no pass to initialise C.
+template <typename T>
+void product(
+    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
+    const std::type_identity_t<T>* row = nullptr);
+
 }  // namespace rnn_ext::cpu

@@ -151,17 +151,28 @@ int64_t panels_per_tile(int64_t M) {
   return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
-// ROWS x (G panels) of C = epilogue(C + A @ W); C and H point at the tile's first element.
+// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob); C, H and row point at the
+// tile's first element (row: its first column; nullptr for a zero start).
 template <typename T, int ROWS, int G>
-RNN_EXT_INLINE void tile(const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh) {
+RNN_EXT_INLINE void tile(
+    const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh, const T* row) {
   constexpr int L = kLanes<T>;
   constexpr int NR = kPanelWidth<T>;
   constexpr int NV = G * kVectorsPerPanel;
   vec<T> acc[ROWS][NV];
+  if (job.accumulate) {
 #pragma GCC unroll 8
-  for (int i = 0; i < ROWS; ++i)
+    for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[i][v] = load(C + i * ldc + v * L);
+      for (int v = 0; v < NV; ++v) acc[i][v] = load(C + i * ldc + v * L);
+  } else {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[0][v] = row != nullptr ? load(row + v * L) : vec<T>{};
+#pragma GCC unroll 8
+    for (int i = 1; i < ROWS; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] = acc[0][v];
+  }
   if (A != nullptr) {
     const int64_t panel_stride = job.K * NR;
     for (int64_t k = 0; k < job.K; ++k) {
@@ -186,11 +197,13 @@ RNN_EXT_INLINE void tile(const StepJob<T>& job, const T* A, const T* W, T* C, in
 }
 
 template <typename T, int G>
-void tile_rows(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh) {
+void tile_rows(
+    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh,
+    const T* row) {
 #define RNN_EXT_TILE_CASE(R)                                                      \
   case R:                                                                         \
     if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {    \
-      tile<T, R, G>(job, A, W, C, ldc, H, ldh);                                   \
+      tile<T, R, G>(job, A, W, C, ldc, H, ldh, row);                              \
       return;                                                                     \
     }                                                                             \
     break;
@@ -210,17 +223,20 @@ void tile_rows(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C
 
 // The last panel when N is not a multiple of the panel width: computed in a padded local copy.
 template <typename T>
-void partial_panel_tile(int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, const T* H, int64_t cols) {
+void partial_panel_tile(
+    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, const T* H, const T* row, int64_t cols) {
   constexpr int NR = kPanelWidth<T>;
   T c_local[kTileRows * NR] = {};
   T h_local[kTileRows * NR] = {};
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < NR; ++j) {
-      c_local[i * NR + j] = j < cols ? C[i * job.ldc + j] : T(0);
-      h_local[i * NR + j] = j < cols && H != nullptr ? H[i * job.ldh + j] : T(0);
+    for (int64_t j = 0; j < cols; ++j) {
+      c_local[i * NR + j] = job.accumulate ? C[i * job.ldc + j] : row != nullptr ? row[j] : T(0);
+      h_local[i * NR + j] = H != nullptr ? H[i * job.ldh + j] : T(0);
     }
   }
-  tile_rows<T, 1>(rows, job, A, W, c_local, NR, h_local, NR);
+  StepJob<T> padded = job;  // the start is in c_local now
+  padded.accumulate = true;
+  tile_rows<T, 1>(rows, padded, A, W, c_local, NR, h_local, NR, nullptr);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) C[i * job.ldc + j] = c_local[i * NR + j];
   }
@@ -251,21 +267,24 @@ void run_tiles(const StepJob<T>& job, int64_t begin, int64_t end) {
     const auto at = [&](int64_t panel, auto run) {
       const int64_t n0 = panel * NR;
       const T* H = job.H != nullptr ? job.H + r0 * job.ldh + n0 : nullptr;
-      run(job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, H);
+      const T* row = job.row != nullptr ? job.row + n0 : nullptr;
+      run(job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, H, row);
     };
     // Whole panels, 4, 2 or 1 at a time; the ragged last panel on its own.
     const int64_t whole_end = job.N % NR == 0 ? p_end : (p_end == P ? P - 1 : p_end);
     for (; p + 4 <= whole_end && g >= 4; p += 4) {
-      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 4>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 4>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
     }
     for (; p + 2 <= whole_end && g >= 2; p += 2) {
-      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 2>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 2>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
     }
     for (; p < whole_end; ++p) {
-      at(p, [&](const T* W, T* C, const T* H) { tile_rows<T, 1>(rows, job, A, W, C, job.ldc, H, job.ldh); });
+      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 1>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
     }
     if (p < p_end) {
-      at(p, [&](const T* W, T* C, const T* H) { partial_panel_tile<T>(rows, job, A, W, C, H, job.N - p * NR); });
+      at(p, [&](const T* W, T* C, const T* H, const T* row) {
+        partial_panel_tile<T>(rows, job, A, W, C, H, row, job.N - p * NR);
+      });
     }
   }
 }

@@ -16,8 +16,10 @@ enum class Epilogue : int32_t {
   kReluGrad,   // C *= [H > 0]
 };
 
-// One step's product C[M, N] = epilogue(C + A[M, K] @ W[K, N]), W packed by IsaKernels::pack.
-// A == nullptr means no product (only the epilogue), e.g. rows that receive no recurrent term.
+// One step's product C[M, N] = epilogue(S + A[M, K] @ W[K, N]), W packed by IsaKernels::pack,
+// where the start S is C itself (accumulate), or else the row vector `row` [N] on every row
+// (zero when row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
+// receive no recurrent term.
 template <typename T>
 struct StepJob {
   int64_t M, N, K;
@@ -29,6 +31,8 @@ struct StepJob {
   Epilogue epilogue;
   const T* H;  // [M, N], rows ldh apart: the outputs the gradient epilogues read
   int64_t ldh;
+  bool accumulate;
+  const T* row;  // [N] or nullptr; read only when !accumulate
 };
 
 template <typename T>

@@ -169,14 +169,16 @@ std::vector<at::Tensor> dense_weight_grads(
   });
 }
 
-// c[M, N] += a[M, K] @ w[K, N] with the step kernel, threaded over its tiles. For the
+// c[M, N] = row + a[M, K] @ w[K, N] (row [N] or undefined) with the step kernel. For the
 // all-rows products (input projection, grad_input) it beats at::mm at these tall-skinny shapes.
 template <typename T>
-void add_product(const at::Tensor& a, const at::Tensor& w, at::Tensor& c) {
+void product_into(const at::Tensor& a, const at::Tensor& w, const at::Tensor& row, at::Tensor& c) {
   const auto a_ = a.contiguous();
   const auto w_ = w.contiguous();
+  const auto row_ = row.defined() ? row.contiguous() : row;
   const PackedWeight<T> packed(w_.data_ptr<T>(), w_.size(1), w_.size(0), w_.size(1));
-  step<T>(a_.size(0), a_.data_ptr<T>(), a_.size(1), packed, c.data_ptr<T>(), c.size(1), Epilogue::kNone);
+  product<T>(a_.size(0), a_.data_ptr<T>(), a_.size(1), packed, c.data_ptr<T>(), c.size(1),
+             row_.defined() ? row_.data_ptr<T>() : nullptr);
 }
 
 // Both directions run side by side on two threads, each single-threaded (no per-step
@@ -211,13 +213,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_cpu(
   const auto x = input.contiguous();
   const auto w_ih = stacked_w_ih(weights, s);
   const auto bias = stacked_bias(weights, s);
-  if (bias.defined()) {
-    output.copy_(bias.expand_as(output));
-  } else {
-    output.zero_();
-  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_cpu_projection", [&] {
-    add_product<scalar_t>(x, w_ih.t(), output);
+    product_into<scalar_t>(x, w_ih.t(), bias, output);
   });
 
   const StepSchedule steps(batch_sizes, s.N, s.B);
@@ -273,9 +270,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_layer_backward_c
 
   at::Tensor grad_input = at::empty({0}, input.options());
   if (output_mask[0]) {
-    grad_input = at::zeros({s.N, s.I}, input.options());
+    grad_input = at::empty({s.N, s.I}, input.options());
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "rnn_layer_backward_cpu_input", [&] {
-      add_product<scalar_t>(grad_z, stacked_w_ih(weights, s), grad_input);
+      product_into<scalar_t>(grad_z, stacked_w_ih(weights, s), at::Tensor(), grad_input);
     });
   }
   if (!output_mask[1]) {
