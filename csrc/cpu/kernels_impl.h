@@ -222,23 +222,26 @@ void tile_rows(
 }
 
 // The last panel when N is not a multiple of the panel width: computed in a padded local copy.
+// Same arguments as tile_rows.
 template <typename T>
 void partial_panel_tile(
-    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, const T* H, const T* row, int64_t cols) {
+    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh,
+    const T* row) {
   constexpr int NR = kPanelWidth<T>;
+  const int64_t cols = job.N % NR;
   T c_local[kTileRows * NR] = {};
   T h_local[kTileRows * NR] = {};
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      c_local[i * NR + j] = job.accumulate ? C[i * job.ldc + j] : row != nullptr ? row[j] : T(0);
-      h_local[i * NR + j] = H != nullptr ? H[i * job.ldh + j] : T(0);
+      c_local[i * NR + j] = job.accumulate ? C[i * ldc + j] : row != nullptr ? row[j] : T(0);
+      h_local[i * NR + j] = H != nullptr ? H[i * ldh + j] : T(0);
     }
   }
   StepJob<T> padded = job;  // the start is in c_local now
   padded.accumulate = true;
   tile_rows<T, 1>(rows, padded, A, W, c_local, NR, h_local, NR, nullptr);
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) C[i * job.ldc + j] = c_local[i * NR + j];
+    for (int64_t j = 0; j < cols; ++j) C[i * ldc + j] = c_local[i * NR + j];
   }
 }
 
@@ -264,28 +267,19 @@ void run_tiles(const StepJob<T>& job, int64_t begin, int64_t end) {
     const T* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
     int64_t p = (index / row_blocks) * g;
     const int64_t p_end = p + g < P ? p + g : P;
-    const auto at = [&](int64_t panel, auto run) {
+    // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<T, G>.
+    const auto at = [&](int64_t panel, auto tile_fn) {
       const int64_t n0 = panel * NR;
       const T* H = job.H != nullptr ? job.H + r0 * job.ldh + n0 : nullptr;
       const T* row = job.row != nullptr ? job.row + n0 : nullptr;
-      run(job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, H, row);
+      tile_fn(rows, job, A, job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, job.ldc, H, job.ldh, row);
     };
     // Whole panels, 4, 2 or 1 at a time; the ragged last panel on its own.
     const int64_t whole_end = job.N % NR == 0 ? p_end : (p_end == P ? P - 1 : p_end);
-    for (; p + 4 <= whole_end && g >= 4; p += 4) {
-      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 4>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
-    }
-    for (; p + 2 <= whole_end && g >= 2; p += 2) {
-      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 2>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
-    }
-    for (; p < whole_end; ++p) {
-      at(p, [&](const T* W, T* C, const T* H, const T* row) { tile_rows<T, 1>(rows, job, A, W, C, job.ldc, H, job.ldh, row); });
-    }
-    if (p < p_end) {
-      at(p, [&](const T* W, T* C, const T* H, const T* row) {
-        partial_panel_tile<T>(rows, job, A, W, C, H, row, job.N - p * NR);
-      });
-    }
+    for (; p + 4 <= whole_end && g >= 4; p += 4) at(p, tile_rows<T, 4>);
+    for (; p + 2 <= whole_end && g >= 2; p += 2) at(p, tile_rows<T, 2>);
+    for (; p < whole_end; ++p) at(p, tile_rows<T, 1>);
+    if (p < p_end) at(p, partial_panel_tile<T>);
   }
 }
 
