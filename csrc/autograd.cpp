@@ -21,7 +21,19 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int kWeightArgs = 8;  // w_ih, w_hh, b_ih, b_hh, then the same four of the reverse direction
+// rnn_layer's arguments, by index: input, hx, the kWeightSlots weight slots (rnn.h), batch_sizes, relu.
+constexpr int kInputArg = 0;
+constexpr int kHxArg = 1;
+constexpr int kFirstWeightArg = 2;
+constexpr int kArgs = kFirstWeightArg + kWeightSlots + 2;
+
+// What forward saves, by index: input, hx, output, batch_sizes (undefined when dense), then the
+// weight slots (undefined where absent).
+constexpr size_t kSavedInput = 0;
+constexpr size_t kSavedHx = 1;
+constexpr size_t kSavedOutput = 2;
+constexpr size_t kSavedBatchSizes = 3;
+constexpr size_t kSavedFirstWeight = 4;
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -59,15 +71,16 @@ std::optional<at::Tensor> as_optional(const at::Tensor& t) {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
-// rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h).
+// rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h), walking
+// time through the same StepSchedule as the kernels.
 std::tuple<at::Tensor, at::Tensor> composite_layer(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, bool relu) {
   const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes);
-  const StepSchedule steps(batch_sizes, s.N, s.B);
-  if (steps.steps() == 0) {
-    return {input.new_zeros({0, s.D * s.H}), hx.clone()};
+  if (runs_no_step(s)) {
+    return no_step_forward(input, hx, s);
   }
+  const StepSchedule steps(batch_sizes, s.N, s.B);
   const auto act = [relu](const at::Tensor& z) { return relu ? at::relu(z) : at::tanh(z); };
   std::vector<at::Tensor> outputs, h_n;
   for (int64_t d = 0; d < s.D; ++d) {
@@ -75,34 +88,22 @@ std::tuple<at::Tensor, at::Tensor> composite_layer(
     auto projection = at::matmul(input, w.w_ih.t());
     if (s.has_bias) projection = projection + w.b_ih + w.b_hh;
     const auto h0 = hx.select(0, d);
-    const auto step = [&](int64_t t, const at::Tensor& h_prev) {
-      return act(projection.narrow(0, steps.offset(t), steps.size(t)) + at::matmul(h_prev, w.w_hh.t()));
-    };
-    std::vector<at::Tensor> states(steps.steps());
-    if (d == 0) {
-      // Rows [size_after(t), size(t)) end at step t; collected last-ending (lowest rows) first.
-      std::vector<at::Tensor> final_states;
-      at::Tensor h = h0;
-      for (int64_t t = 0; t < steps.steps(); ++t) {
-        h = step(t, h.narrow(0, 0, steps.size(t)));
-        states[t] = h;
-        const int64_t continuing = steps.size_after(t);
-        if (continuing < steps.size(t)) final_states.push_back(h.narrow(0, continuing, steps.size(t) - continuing));
-      }
-      std::reverse(final_states.begin(), final_states.end());
-      h_n.push_back(at::cat(final_states, 0));
-    } else {
-      // Reverse: a row starts from hx at its own last step.
-      at::Tensor h;
-      for (int64_t t = steps.steps() - 1; t >= 0; --t) {
-        const int64_t continuing = steps.size_after(t);
-        const auto starting = h0.narrow(0, continuing, steps.size(t) - continuing);
-        h = step(t, continuing == 0 ? starting : at::cat({h, starting}, 0));
-        states[t] = h;
-      }
-      h_n.push_back(h);
-    }
+    std::vector<at::Tensor> states(steps.steps());     // [size(t), H] per step
+    std::vector<std::pair<int64_t, at::Tensor>> last;  // (first row, the states of rows ending at a step)
+    steps.walk(d == 1, Pass::kForward, [&](const Step& now) {
+      std::vector<at::Tensor> start;  // the state each row of this step starts from
+      if (now.carried > 0) start.push_back(states[now.previous].narrow(0, 0, now.carried));
+      if (now.carried < now.rows) start.push_back(h0.narrow(0, now.carried, now.rows - now.carried));
+      const auto h_prev = start.size() == 1 ? start[0] : at::cat(start, 0);
+      const auto h = act(projection.narrow(0, now.offset, now.rows) + at::matmul(h_prev, w.w_hh.t()));
+      states[now.t] = h;
+      if (now.continuing < now.rows) last.emplace_back(now.continuing, h.narrow(0, now.continuing, now.rows - now.continuing));
+    });
+    std::sort(last.begin(), last.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<at::Tensor> last_states;
+    for (const auto& [row, state] : last) last_states.push_back(state);
     outputs.push_back(at::cat(states, 0));
+    h_n.push_back(last_states.size() == 1 ? last_states[0] : at::cat(last_states, 0));
   }
   return {at::cat(outputs, 1), at::stack(h_n, 0)};
 }
@@ -118,7 +119,8 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     auto [output, h_n] = layer_op().call(
         input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu);
     const auto or_undefined = [](const OptionalTensor& t) { return t.value_or(at::Tensor()); };
-    // Absent optional weights are saved as undefined tensors, and take no autograd edge.
+    // In the kSaved* order. Absent optional weights are saved as undefined tensors, and take no
+    // autograd edge.
     ctx->save_for_backward(
         {input, hx, output, or_undefined(batch_sizes), w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh),
          or_undefined(w_ih_reverse), or_undefined(w_hh_reverse), or_undefined(b_ih_reverse),
@@ -130,34 +132,36 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
   // grads: (grad_output, grad_h_n). Returns one gradient per forward argument.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& hx = saved[1];
-    const at::Tensor& output = saved[2];
+    const at::Tensor& input = saved[kSavedInput];
+    const at::Tensor& hx = saved[kSavedHx];
+    const at::Tensor& output = saved[kSavedOutput];
+    const at::Tensor& batch_sizes = saved[kSavedBatchSizes];
     // needs_input_grad counts autograd edges, which only present tensors have: input, hx, then
     // the present weights in argument order.
     std::vector<at::Tensor> weights;
     std::vector<int> weight_arg;  // forward argument index of each present weight
     std::vector<bool> weight_needed;
-    int64_t edge = 2;
-    for (int i = 0; i < kWeightArgs; ++i) {
-      if (saved[4 + i].defined()) {
-        weights.push_back(saved[4 + i]);
-        weight_arg.push_back(2 + i);
+    int64_t edge = kFirstWeightArg;
+    for (int slot = 0; slot < kWeightSlots; ++slot) {
+      const at::Tensor& weight = saved[kSavedFirstWeight + slot];
+      if (weight.defined()) {
+        weights.push_back(weight);
+        weight_arg.push_back(kFirstWeightArg + slot);
         weight_needed.push_back(ctx->needs_input_grad(edge++));
       }
     }
     const bool need_weights = std::find(weight_needed.begin(), weight_needed.end(), true) != weight_needed.end();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), need_weights};
+    const std::array<bool, 3> mask{ctx->needs_input_grad(kInputArg), ctx->needs_input_grad(kHxArg), need_weights};
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_backward(grads, input, hx, weights, weight_arg, weight_needed, saved[3], relu, mask);
+      return differentiable_backward(grads, input, hx, weights, weight_arg, weight_needed, batch_sizes, relu, mask);
     }
     auto [grad_input, grad_hx, grad_weights] =
-        backward_op().call(grads[0], grads[1], input, hx, weights, as_optional(saved[3]), relu, output, mask);
+        backward_op().call(grads[0], grads[1], input, hx, weights, as_optional(batch_sizes), relu, output, mask);
 
-    variable_list result(2 + kWeightArgs + 2);  // + batch_sizes and relu, which get none
-    if (mask[0]) result[0] = grad_input;
-    if (mask[1]) result[1] = grad_hx;
+    variable_list result(kArgs);  // batch_sizes and relu get none
+    if (mask[0]) result[kInputArg] = grad_input;
+    if (mask[1]) result[kHxArg] = grad_hx;
     for (size_t k = 0; need_weights && k < weights.size(); ++k) {
       if (weight_needed[k]) result[weight_arg[k]] = grad_weights[k];
     }
@@ -172,12 +176,12 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
       bool relu, const std::array<bool, 3>& mask) {
     std::vector<at::Tensor> wrt;
     std::vector<int> wrt_arg;  // forward argument index of each tensor in wrt
-    if (mask[0]) wrt.push_back(input), wrt_arg.push_back(0);
-    if (mask[1]) wrt.push_back(hx), wrt_arg.push_back(1);
+    if (mask[0]) wrt.push_back(input), wrt_arg.push_back(kInputArg);
+    if (mask[1]) wrt.push_back(hx), wrt_arg.push_back(kHxArg);
     for (size_t k = 0; k < weights.size(); ++k) {
       if (weight_needed[k]) wrt.push_back(weights[k]), wrt_arg.push_back(weight_arg[k]);
     }
-    variable_list result(2 + kWeightArgs + 2);
+    variable_list result(kArgs);
     if (wrt.empty()) return result;
     auto [output, h_n] = composite_layer(input, hx, weights, as_optional(batch_sizes), relu);
     const auto grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);

@@ -206,6 +206,10 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
   return sizes.D == 1 ? biases[0] : at::cat(biases, 0);
 }
 
+std::tuple<at::Tensor, at::Tensor> no_step_forward(const at::Tensor& input, const at::Tensor& hx, const LayerSizes& sizes) {
+  return {at::empty({0, sizes.D * sizes.H}, input.options()), hx.clone(at::MemoryFormat::Contiguous)};
+}
+
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
     const at::Tensor& input, const at::Tensor& grad_h_n, at::TensorList weights, std::array<bool, 3> output_mask) {
   const auto skipped = at::empty({0}, input.options());
@@ -217,9 +221,25 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
           grad_weights};
 }
 
+namespace {
+
+// grad_w_hh of direction d of a dense batch, without h_prev: the walk's first step (t = 0, or
+// t = T - 1 in reverse) started from hx; every other step from the output B rows before it
+// (after it, in reverse). grad_z_d, output_d [N, H]; hx_d [B, H].
+at::Tensor dense_grad_w_hh(
+    const at::Tensor& grad_z_d, const at::Tensor& output_d, const at::Tensor& hx_d, bool reverse,
+    const LayerSizes& s) {
+  const int64_t later = s.N - s.B;  // rows whose step started from an output
+  auto grad_w_hh = at::mm(
+      grad_z_d.narrow(0, reverse ? 0 : s.B, later).t(), output_d.narrow(0, reverse ? s.B : 0, later));
+  return grad_w_hh.addmm_(grad_z_d.narrow(0, reverse ? later : 0, s.B).t(), hx_d);
+}
+
+}  // namespace
+
 std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& input, const LayerSizes& sizes,
-    const std::function<at::Tensor(int64_t, const at::Tensor&)>& grad_w_hh) {
+    const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
+    const at::Tensor& h_prev, const LayerSizes& sizes) {
   const int64_t H = sizes.H;
   const auto x = input.contiguous();
   const auto grad_b = sizes.has_bias ? grad_z.sum(0) : at::Tensor();
@@ -227,7 +247,9 @@ std::vector<at::Tensor> weight_grads(
   for (int64_t d = 0; d < sizes.D; ++d) {
     const auto grad_z_d = grad_z.narrow(1, d * H, H);
     grads.push_back(at::mm(grad_z_d.t(), x));
-    grads.push_back(grad_w_hh(d, grad_z_d));
+    grads.push_back(
+        h_prev.defined() ? at::mm(grad_z_d.t(), h_prev.narrow(1, d * H, H))
+                         : dense_grad_w_hh(grad_z_d, output.narrow(1, d * H, H), hx[d], d == 1, sizes));
     if (sizes.has_bias) {
       // b_ih and b_hh get equal, but separate, gradients: op outputs must not alias.
       grads.push_back(grad_b.narrow(0, d * H, H).clone());
@@ -235,13 +257,6 @@ std::vector<at::Tensor> weight_grads(
     }
   }
   return grads;
-}
-
-std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes) {
-  return weight_grads(grad_z, input, sizes, [&](int64_t d, const at::Tensor& grad_z_d) {
-    return at::mm(grad_z_d.t(), h_prev.narrow(1, d * sizes.H, sizes.H));
-  });
 }
 
 }  // namespace rnn_ext

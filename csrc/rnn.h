@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 
 #include <array>
-#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -32,15 +31,57 @@ struct DirectionWeights {
   at::Tensor w_ih, w_hh, b_ih, b_hh;
 };
 
-// Which rows each time step owns in the time-major [N, ...] layout.
+// One time step of one direction's walk, and how its rows connect to the walk's neighbouring
+// steps. Rows are this step's rows of the time-major layout, [offset, offset + rows); because
+// batch sizes never grow with t, the rows that link to a neighbour are always a prefix.
+struct Step {
+  int64_t t;       // time step
+  int64_t offset;  // first row of step t in the [N, ...] layout
+  int64_t rows;    // rows of step t
+  // Rows [0, carried) start from the state of the walk's previous step (time `previous`);
+  // rows [carried, rows) start their sequence here, from hx rows [carried, rows).
+  int64_t previous, carried;
+  // Rows [0, continuing) go on to the walk's next step (time `next`); rows [continuing, rows)
+  // end their sequence here: their state is h_n rows [continuing, rows).
+  int64_t next, continuing;
+};
+
+// Which order a walk visits the steps in: the order the recurrence runs (forward pass), or
+// the order its gradient flows (backward pass: the recurrence's order reversed).
+enum class Pass { kForward, kBackward };
+
+// The time steps of a layer: which rows each step owns in the time-major [N, ...] layout, and
+// the rules of a variable-length batch, for both directions and both passes. Every backend and
+// the composite (double-backward) path walk time through this class only.
+//   forward direction: step t continues from t - 1; rows [size(t+1), size(t)) end at t.
+//   reverse direction: step t continues from t + 1, whose size(t+1) rows carry on, and
+//                      rows [size(t+1), size(t)) start at t from hx; every row ends at t = 0.
 class StepSchedule {
  public:
   StepSchedule(const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B);
   int64_t steps() const { return static_cast<int64_t>(sizes_.size()); }
   int64_t size(int64_t t) const { return sizes_[t]; }
   int64_t offset(int64_t t) const { return offsets_[t]; }
-  // Rows at step t+1 (0 past the last step): rows [size_after(t), size(t)) end at step t.
-  int64_t size_after(int64_t t) const { return t + 1 < steps() ? sizes_[t + 1] : 0; }
+
+  // Step t of the forward (reverse == false) or reverse direction.
+  Step step(int64_t t, bool reverse) const {
+    const int64_t rows = sizes_[t];
+    const int64_t later = t + 1 < steps() ? sizes_[t + 1] : 0;  // rows that step t + 1 has
+    const int64_t earlier = t > 0 ? rows : 0;                     // rows of step t that step t - 1 has
+    if (!reverse) {
+      return {t, offsets_[t], rows, t - 1, earlier, t + 1, later};
+    }
+    return {t, offsets_[t], rows, t + 1, later, t - 1, earlier};
+  }
+
+  // Calls body(const Step&) for every step of a direction, in the order of the pass.
+  template <typename F>
+  void walk(bool reverse, Pass pass, F&& body) const {
+    const bool increasing_t = reverse == (pass == Pass::kBackward);
+    for (int64_t i = 0; i < steps(); ++i) {
+      body(step(increasing_t ? i : steps() - 1 - i, reverse));
+    }
+  }
 
  private:
   std::vector<int64_t> sizes_;
@@ -71,26 +112,34 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 
 // The weight gradients of a layer, as nn.RNN's flat list (each in memory of its own), from
 //   grad_z [N, D*H]  gradient of each row's pre-activation,
-//   h_prev [N, D*H]  the state each row's step started from,
-//   input  [N, I].
+//   input  [N, I],
+// and the state each row's step started from, h_prev [N, D*H]: for a packed batch, as gathered
+// by the backend's walk; for a dense one (h_prev undefined) read in place: the output B rows
+// earlier (later, in the reverse direction), or hx [D, B, H] for the walk's first step.
 // grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T h_prev per direction, grad_b = sum of grad_z rows.
 std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& h_prev, const at::Tensor& input, const LayerSizes& sizes);
+    const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
+    const at::Tensor& h_prev, const LayerSizes& sizes);
 
-// The same, with grad_w_hh of direction d given by grad_w_hh(d, grad_z_d), grad_z_d [N, H],
-// for backends that get it without materialising h_prev.
-std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& input, const LayerSizes& sizes,
-    const std::function<at::Tensor(int64_t, const at::Tensor&)>& grad_w_hh);
+// Whether a layer runs no time step (no input rows): then h_n is hx. The one test for it.
+inline bool runs_no_step(const LayerSizes& sizes) {
+  return sizes.N == 0;
+}
 
-// rnn_layer_backward's result when the layer ran no step (N == 0): h_n was hx, so grad_hx is
-// grad_h_n and every other gradient is zero. Each backend returns it before its time walk.
+// rnn_layer's result when the layer runs no step: an empty output [0, D*H] and h_n = hx (contiguous).
+std::tuple<at::Tensor, at::Tensor> no_step_forward(const at::Tensor& input, const at::Tensor& hx, const LayerSizes& sizes);
+
+// rnn_layer_backward's result when the layer ran no step: h_n was hx, so grad_hx is grad_h_n and
+// every other gradient is zero.
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(
     const at::Tensor& input, const at::Tensor& grad_h_n, at::TensorList weights, std::array<bool, 3> output_mask);
 
-// rnn_layer takes its weights as separate arguments (w_ih, w_hh, b_ih?, b_hh?, then the same four
-// of the reverse direction, all optional), so that its Python autograd layer handles no lists.
-// Returns them as nn.RNN's flat list (per direction: w_ih, w_hh[, b_ih, b_hh]).
+// rnn_layer takes its weights in kWeightSlots separate arguments, in this order, each optional but
+// the first two: w_ih, w_hh, b_ih, b_hh, then the same four of the reverse direction. Its C++
+// autograd Function (autograd.cpp) then gives each present weight an autograd edge of its own.
+constexpr int kWeightSlots = 8;
+
+// The weight slots as nn.RNN's flat list (per direction: w_ih, w_hh[, b_ih, b_hh]).
 std::vector<at::Tensor> flat_weights(
     const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
@@ -101,7 +150,7 @@ using LayerImpl = std::tuple<at::Tensor, at::Tensor> (*)(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
     const std::optional<at::Tensor>& batch_sizes, bool relu);
 
-// Adapts a backend's list-based forward to rnn_layer's schema: m.impl("rnn_layer", &rnn_layer_entry<&impl>).
+// Adapts a list-based forward to rnn_layer's schema: m.impl("rnn_layer", &rnn_layer_entry<&impl>).
 template <LayerImpl impl>
 std::tuple<at::Tensor, at::Tensor> rnn_layer_entry(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,

@@ -54,16 +54,16 @@ const std::string& active_isa() {
   return isa;
 }
 
-template <typename T>
-IsaKernels<T> pick(IsaKernels<T> (*avx512)(), IsaKernels<T> (*avx2)(), IsaKernels<T> (*baseline)()) {
+template <typename scalar_t>
+IsaKernels<scalar_t> pick(IsaKernels<scalar_t> (*avx512)(), IsaKernels<scalar_t> (*avx2)(), IsaKernels<scalar_t> (*baseline)()) {
   const std::string& isa = active_isa();
   if (isa == "avx512") return avx512();
   if (isa == "avx2") return avx2();
   return baseline();
 }
 
-template <typename T>
-const IsaKernels<T>& kernels();
+template <typename scalar_t>
+const IsaKernels<scalar_t>& kernels();
 
 template <>
 const IsaKernels<float>& kernels<float>() {
@@ -83,39 +83,40 @@ std::string cpu_isa() {
   return active_isa();
 }
 
-template <typename T>
-PackedWeight<T>::PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N) : K_(K), N_(N) {
-  const int64_t width = kernels<T>().panel_width;
-  const int64_t panels = (N + width - 1) / width;
-  buffer_ = at::empty({panels * K * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  kernels<T>().pack(K, N, W, ldw, buffer_.data_ptr<T>());
+template <typename scalar_t>
+PackedWeight<scalar_t>::PackedWeight(const scalar_t* W, int64_t ldw, int64_t depth, int64_t cols)
+    : depth_(depth), cols_(cols) {
+  const int64_t width = kernels<scalar_t>().panel_width;
+  const int64_t panels = (cols + width - 1) / width;
+  buffer_ = at::empty({panels * depth * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+  kernels<scalar_t>().pack(depth, cols, W, ldw, buffer_.data_ptr<scalar_t>());
 }
 
-template <typename T>
-void run(const StepJob<T>& job, bool single_thread) {
-  if (job.M <= 0 || job.N <= 0) return;
-  const IsaKernels<T>& k = kernels<T>();
-  const int64_t tiles = k.num_tiles(job.M, job.N);
-  if (single_thread || tiles < 2 || job.A == nullptr || job.M * job.N * job.K < kParallelMinMacs) {
+template <typename scalar_t>
+void run(const StepJob<scalar_t>& job, bool single_thread) {
+  if (job.rows <= 0 || job.cols <= 0) return;
+  const IsaKernels<scalar_t>& k = kernels<scalar_t>();
+  const int64_t tiles = k.num_tiles(job.rows, job.cols);
+  if (single_thread || tiles < 2 || job.A == nullptr || job.rows * job.cols * job.depth < kParallelMinMacs) {
     k.run_tiles(job, 0, tiles);
     return;
   }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { k.run_tiles(job, begin, end); });
 }
 
-template <typename T>
+template <typename scalar_t>
 void step(
-    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<T>* H, int64_t ldh, bool single_thread) {
-  run(StepJob<T>{M, W.N(), W.K(), A, lda, W.data(), C, ldc, epilogue, H, ldh, /*accumulate=*/true, nullptr},
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread) {
+  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, epilogue, y, ldy, /*accumulate=*/true, nullptr},
       single_thread);
 }
 
-template <typename T>
+template <typename scalar_t>
 void product(
-    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
-    const std::type_identity_t<T>* row) {
-  run(StepJob<T>{M, W.N(), W.K(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0, /*accumulate=*/false, row},
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    const std::type_identity_t<scalar_t>* row) {
+  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0, /*accumulate=*/false, row},
       /*single_thread=*/false);
 }
 

@@ -16,32 +16,33 @@ namespace rnn_ext::cpu {
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
 std::string cpu_isa();
 
-// W [K, N] (row-major, rows ldw apart), packed into the active ISA's column panels.
-template <typename T>
+// W [depth, cols] (row-major, rows ldw apart), packed into the active ISA's column panels.
+// (GEMM dimensions here are rows, cols and depth: the shape legend's letters mean other things.)
+template <typename scalar_t>
 class PackedWeight {
  public:
-  PackedWeight(const T* W, int64_t ldw, int64_t K, int64_t N);
-  const T* data() const { return buffer_.data_ptr<T>(); }
-  int64_t K() const { return K_; }
-  int64_t N() const { return N_; }
+  PackedWeight(const scalar_t* W, int64_t ldw, int64_t depth, int64_t cols);
+  const scalar_t* data() const { return buffer_.data_ptr<scalar_t>(); }
+  int64_t depth() const { return depth_; }
+  int64_t cols() const { return cols_; }
 
  private:
-  int64_t K_, N_;
+  int64_t depth_, cols_;
   at::Tensor buffer_;
 };
 
-// C[M, N] = epilogue(C + A[M, K] @ W) (A == nullptr: epilogue only); H is what the gradient
-// epilogues read (the step's outputs), rows ldh apart. Threads over tiles unless single_thread.
-template <typename T>
+// C[rows, cols] = epilogue(C + A[rows, depth] @ W) (A == nullptr: epilogue only); y is what the
+// gradient epilogues read (the step's outputs), rows ldy apart. Threads over tiles unless single_thread.
+template <typename scalar_t>
 void step(
-    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<T>* H = nullptr, int64_t ldh = 0, bool single_thread = false);
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    Epilogue epilogue, const std::type_identity_t<scalar_t>* y = nullptr, int64_t ldy = 0, bool single_thread = false);
 
-// C[M, N] = row + A[M, K] @ W, row [N] added to every row (nullptr: nothing), threaded over tiles:
+// C[rows, cols] = row + A[rows, depth] @ W, row [cols] added to every row (nullptr: nothing), threaded over tiles:
 // the all-rows products (input projection with its bias, grad_input), with no pass to initialise C.
-template <typename T>
+template <typename scalar_t>
 void product(
-    int64_t M, const std::type_identity_t<T>* A, int64_t lda, const PackedWeight<T>& W, T* C, int64_t ldc,
-    const std::type_identity_t<T>* row = nullptr);
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    const std::type_identity_t<scalar_t>* row = nullptr);
 
 }  // namespace rnn_ext::cpu

@@ -6,13 +6,15 @@
 // the linker for another translation unit.
 //
 // Vectors are GCC vector extensions of RNN_EXT_VECTOR_BYTES: a tile's accumulators are named
-// vector values, which the compiler keeps in registers over the whole K loop.
+// vector values, which the compiler keeps in registers over the whole depth loop.
+//
+// GEMM dimensions are named rows x depth times depth x cols (not the shape legend's letters).
 #include "kernels_isa.h"
 
 namespace rnn_ext::cpu {
 namespace {
 
-template <typename T>
+template <typename scalar_t>
 struct Vector;
 template <>
 struct Vector<float> {
@@ -24,28 +26,28 @@ struct Vector<double> {
   typedef double type __attribute__((vector_size(RNN_EXT_VECTOR_BYTES)));
   typedef int64_t bits __attribute__((vector_size(RNN_EXT_VECTOR_BYTES)));
 };
-template <typename T>
-using vec = typename Vector<T>::type;
-template <typename T>
-constexpr int kLanes = RNN_EXT_VECTOR_BYTES / sizeof(T);
+template <typename scalar_t>
+using vec = typename Vector<scalar_t>::type;
+template <typename scalar_t>
+constexpr int kLanes = RNN_EXT_VECTOR_BYTES / sizeof(scalar_t);
 
 constexpr int kVectorsPerPanel = 2;
-template <typename T>
-constexpr int kPanelWidth = kVectorsPerPanel * kLanes<T>;
+template <typename scalar_t>
+constexpr int kPanelWidth = kVectorsPerPanel * kLanes<scalar_t>;
 constexpr int kTileRows = RNN_EXT_TILE_ROWS;
 constexpr int kMaxAcc = RNN_EXT_MAX_ACC;
 
 #define RNN_EXT_INLINE inline __attribute__((always_inline))
 
-template <typename T>
-RNN_EXT_INLINE vec<T> load(const T* p) {
-  vec<T> v;
+template <typename scalar_t>
+RNN_EXT_INLINE vec<scalar_t> load(const scalar_t* p) {
+  vec<scalar_t> v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-template <typename T>
-RNN_EXT_INLINE void store(T* p, vec<T> v) {
+template <typename scalar_t>
+RNN_EXT_INLINE void store(scalar_t* p, vec<scalar_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
@@ -101,19 +103,19 @@ RNN_EXT_INLINE vec<double> tanh_vec(vec<double> x) {
   return x;
 }
 
-template <typename T>
-RNN_EXT_INLINE vec<T> apply_epilogue(vec<T> c, Epilogue epilogue, const T* h) {
+template <typename scalar_t>
+RNN_EXT_INLINE vec<scalar_t> apply_epilogue(vec<scalar_t> c, Epilogue epilogue, const scalar_t* h) {
   switch (epilogue) {
     case Epilogue::kTanh:
       return tanh_vec(c);
     case Epilogue::kRelu:
-      return c < T(0) ? vec<T>{} : c;  // NaN passes through, as in torch.relu
+      return c < scalar_t(0) ? vec<scalar_t>{} : c;  // NaN passes through, as in torch.relu
     case Epilogue::kTanhGrad: {
-      const vec<T> y = load(h);
-      return c * (T(1) - y * y);
+      const vec<scalar_t> y = load(h);
+      return c * (scalar_t(1) - y * y);
     }
     case Epilogue::kReluGrad:
-      return load(h) > T(0) ? c : vec<T>{};
+      return load(h) > scalar_t(0) ? c : vec<scalar_t>{};
     case Epilogue::kNone:
       break;
   }
@@ -123,20 +125,20 @@ RNN_EXT_INLINE vec<T> apply_epilogue(vec<T> c, Epilogue epilogue, const T* h) {
 // ---------------------------------------------------------------------------------------------
 // Packing and the register-blocked tile.
 
-template <typename T>
-int64_t panels(int64_t N) {
-  return (N + kPanelWidth<T> - 1) / kPanelWidth<T>;
+template <typename scalar_t>
+int64_t panels(int64_t cols) {
+  return (cols + kPanelWidth<scalar_t> - 1) / kPanelWidth<scalar_t>;
 }
 
-template <typename T>
-void pack(int64_t K, int64_t N, const T* W, int64_t ldw, T* packed) {
-  constexpr int NR = kPanelWidth<T>;
-  for (int64_t p = 0; p < panels<T>(N); ++p) {
-    for (int64_t k = 0; k < K; ++k) {
-      T* dst = packed + (p * K + k) * NR;
-      for (int64_t j = 0; j < NR; ++j) {
-        const int64_t n = p * NR + j;
-        dst[j] = n < N ? W[k * ldw + n] : T(0);
+template <typename scalar_t>
+void pack(int64_t depth, int64_t cols, const scalar_t* W, int64_t ldw, scalar_t* packed) {
+  constexpr int width = kPanelWidth<scalar_t>;
+  for (int64_t p = 0; p < panels<scalar_t>(cols); ++p) {
+    for (int64_t k = 0; k < depth; ++k) {
+      scalar_t* dst = packed + (p * depth + k) * width;
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t col = p * width + j;
+        dst[j] = col < cols ? W[k * ldw + col] : scalar_t(0);
       }
     }
   }
@@ -144,66 +146,66 @@ void pack(int64_t K, int64_t N, const T* W, int64_t ldw, T* packed) {
 
 // Panels per tile: few rows leave registers free for several panels, which gives the FMA units
 // enough independent accumulators.
-template <typename T>
-int64_t panels_per_tile(int64_t M) {
-  const int64_t rows = M < kTileRows ? M : kTileRows;
+template <typename scalar_t>
+int64_t panels_per_tile(int64_t job_rows) {
+  const int64_t rows = job_rows < kTileRows ? job_rows : kTileRows;
   const int64_t fit = kMaxAcc / (rows * kVectorsPerPanel);
   return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
-// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob); C, H and row point at the
+// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob); C, y and row point at the
 // tile's first element (row: its first column; nullptr for a zero start).
-template <typename T, int ROWS, int G>
+template <typename scalar_t, int ROWS, int G>
 RNN_EXT_INLINE void tile(
-    const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh, const T* row) {
-  constexpr int L = kLanes<T>;
-  constexpr int NR = kPanelWidth<T>;
-  constexpr int NV = G * kVectorsPerPanel;
-  vec<T> acc[ROWS][NV];
+    const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy, const scalar_t* row) {
+  constexpr int lanes = kLanes<scalar_t>;
+  constexpr int width = kPanelWidth<scalar_t>;
+  constexpr int vectors = G * kVectorsPerPanel;
+  vec<scalar_t> acc[ROWS][vectors];
   if (job.accumulate) {
 #pragma GCC unroll 8
     for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = load(C + i * ldc + v * L);
+      for (int v = 0; v < vectors; ++v) acc[i][v] = load(C + i * ldc + v * lanes);
   } else {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[0][v] = row != nullptr ? load(row + v * L) : vec<T>{};
+    for (int v = 0; v < vectors; ++v) acc[0][v] = row != nullptr ? load(row + v * lanes) : vec<scalar_t>{};
 #pragma GCC unroll 8
     for (int i = 1; i < ROWS; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = acc[0][v];
+      for (int v = 0; v < vectors; ++v) acc[i][v] = acc[0][v];
   }
   if (A != nullptr) {
-    const int64_t panel_stride = job.K * NR;
-    for (int64_t k = 0; k < job.K; ++k) {
-      vec<T> b[NV];
+    const int64_t panel_stride = job.depth * width;
+    for (int64_t k = 0; k < job.depth; ++k) {
+      vec<scalar_t> b[vectors];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        b[v] = load(W + (v / kVectorsPerPanel) * panel_stride + k * NR + (v % kVectorsPerPanel) * L);
+      for (int v = 0; v < vectors; ++v) {
+        b[v] = load(W + (v / kVectorsPerPanel) * panel_stride + k * width + (v % kVectorsPerPanel) * lanes);
         asm("" : "+v"(b[v]));  // keep b in a register: reloading it for every row costs load bandwidth
       }
 #pragma GCC unroll 8
       for (int i = 0; i < ROWS; ++i) {
-        const T a = A[i * job.lda + k];  // scalar * vector broadcasts
+        const scalar_t a = A[i * job.lda + k];  // scalar * vector broadcasts
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+        for (int v = 0; v < vectors; ++v) acc[i][v] += a * b[v];
       }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) store(C + i * ldc + v * L, apply_epilogue(acc[i][v], job.epilogue, H + i * ldh + v * L));
+    for (int v = 0; v < vectors; ++v) store(C + i * ldc + v * lanes, apply_epilogue(acc[i][v], job.epilogue, y + i * ldy + v * lanes));
 }
 
-template <typename T, int G>
+template <typename scalar_t, int G>
 void tile_rows(
-    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh,
-    const T* row) {
+    int64_t rows, const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy,
+    const scalar_t* row) {
 #define RNN_EXT_TILE_CASE(R)                                                      \
   case R:                                                                         \
     if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {    \
-      tile<T, R, G>(job, A, W, C, ldc, H, ldh, row);                              \
+      tile<scalar_t, R, G>(job, A, W, C, ldc, y, ldy, row);                              \
       return;                                                                     \
     }                                                                             \
     break;
@@ -221,71 +223,71 @@ void tile_rows(
   __builtin_trap();  // unreachable: rows <= kTileRows <= 8 and G fits by construction
 }
 
-// The last panel when N is not a multiple of the panel width: computed in a padded local copy.
+// The last panel when cols is not a multiple of the panel width: computed in a padded local copy.
 // Same arguments as tile_rows.
-template <typename T>
+template <typename scalar_t>
 void partial_panel_tile(
-    int64_t rows, const StepJob<T>& job, const T* A, const T* W, T* C, int64_t ldc, const T* H, int64_t ldh,
-    const T* row) {
-  constexpr int NR = kPanelWidth<T>;
-  const int64_t cols = job.N % NR;
-  T c_local[kTileRows * NR] = {};
-  T h_local[kTileRows * NR] = {};
+    int64_t rows, const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy,
+    const scalar_t* row) {
+  constexpr int width = kPanelWidth<scalar_t>;
+  const int64_t cols = job.cols % width;
+  scalar_t c_local[kTileRows * width] = {};
+  scalar_t y_local[kTileRows * width] = {};
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      c_local[i * NR + j] = job.accumulate ? C[i * ldc + j] : row != nullptr ? row[j] : T(0);
-      h_local[i * NR + j] = H != nullptr ? H[i * ldh + j] : T(0);
+      c_local[i * width + j] = job.accumulate ? C[i * ldc + j] : row != nullptr ? row[j] : scalar_t(0);
+      y_local[i * width + j] = y != nullptr ? y[i * ldy + j] : scalar_t(0);
     }
   }
-  StepJob<T> padded = job;  // the start is in c_local now
+  StepJob<scalar_t> padded = job;  // the start is in c_local now
   padded.accumulate = true;
-  tile_rows<T, 1>(rows, padded, A, W, c_local, NR, h_local, NR, nullptr);
+  tile_rows<scalar_t, 1>(rows, padded, A, W, c_local, width, y_local, width, nullptr);
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) C[i * ldc + j] = c_local[i * NR + j];
+    for (int64_t j = 0; j < cols; ++j) C[i * ldc + j] = c_local[i * width + j];
   }
 }
 
-template <typename T>
-int64_t num_tiles(int64_t M, int64_t N) {
-  if (M <= 0 || N <= 0) return 0;
-  const int64_t row_blocks = (M + kTileRows - 1) / kTileRows;
-  const int64_t g = panels_per_tile<T>(M);
-  return row_blocks * ((panels<T>(N) + g - 1) / g);
+template <typename scalar_t>
+int64_t num_tiles(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const int64_t row_blocks = (rows + kTileRows - 1) / kTileRows;
+  const int64_t g = panels_per_tile<scalar_t>(rows);
+  return row_blocks * ((panels<scalar_t>(cols) + g - 1) / g);
 }
 
-template <typename T>
-void run_tiles(const StepJob<T>& job, int64_t begin, int64_t end) {
-  constexpr int NR = kPanelWidth<T>;
-  const int64_t P = panels<T>(job.N);
-  const int64_t g = panels_per_tile<T>(job.M);
-  const int64_t row_blocks = (job.M + kTileRows - 1) / kTileRows;
+template <typename scalar_t>
+void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
+  constexpr int width = kPanelWidth<scalar_t>;
+  const int64_t panel_count = panels<scalar_t>(job.cols);
+  const int64_t g = panels_per_tile<scalar_t>(job.rows);
+  const int64_t row_blocks = (job.rows + kTileRows - 1) / kTileRows;
   // Consecutive tiles share a panel group (and walk down the rows), so a panel is read from
   // memory once and then served from cache to every row block.
   for (int64_t index = begin; index < end; ++index) {
     const int64_t r0 = (index % row_blocks) * kTileRows;
-    const int64_t rows = job.M - r0 < kTileRows ? job.M - r0 : kTileRows;
-    const T* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
+    const int64_t rows = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
+    const scalar_t* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
     int64_t p = (index / row_blocks) * g;
-    const int64_t p_end = p + g < P ? p + g : P;
-    // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<T, G>.
-    const auto at = [&](int64_t panel, auto tile_fn) {
-      const int64_t n0 = panel * NR;
-      const T* H = job.H != nullptr ? job.H + r0 * job.ldh + n0 : nullptr;
-      const T* row = job.row != nullptr ? job.row + n0 : nullptr;
-      tile_fn(rows, job, A, job.W + panel * job.K * NR, job.C + r0 * job.ldc + n0, job.ldc, H, job.ldh, row);
+    const int64_t p_end = p + g < panel_count ? p + g : panel_count;
+    // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<scalar_t, G>.
+    const auto run_tile = [&](int64_t panel, auto tile_fn) {
+      const int64_t col0 = panel * width;
+      const scalar_t* y = job.y != nullptr ? job.y + r0 * job.ldy + col0 : nullptr;
+      const scalar_t* row = job.row != nullptr ? job.row + col0 : nullptr;
+      tile_fn(rows, job, A, job.W + panel * job.depth * width, job.C + r0 * job.ldc + col0, job.ldc, y, job.ldy, row);
     };
     // Whole panels, 4, 2 or 1 at a time; the ragged last panel on its own.
-    const int64_t whole_end = job.N % NR == 0 ? p_end : (p_end == P ? P - 1 : p_end);
-    for (; p + 4 <= whole_end && g >= 4; p += 4) at(p, tile_rows<T, 4>);
-    for (; p + 2 <= whole_end && g >= 2; p += 2) at(p, tile_rows<T, 2>);
-    for (; p < whole_end; ++p) at(p, tile_rows<T, 1>);
-    if (p < p_end) at(p, partial_panel_tile<T>);
+    const int64_t whole_end = job.cols % width == 0 ? p_end : (p_end == panel_count ? panel_count - 1 : p_end);
+    for (; p + 4 <= whole_end && g >= 4; p += 4) run_tile(p, tile_rows<scalar_t, 4>);
+    for (; p + 2 <= whole_end && g >= 2; p += 2) run_tile(p, tile_rows<scalar_t, 2>);
+    for (; p < whole_end; ++p) run_tile(p, tile_rows<scalar_t, 1>);
+    if (p < p_end) run_tile(p, partial_panel_tile<scalar_t>);
   }
 }
 
-template <typename T>
-IsaKernels<T> kernels() {
-  return {kPanelWidth<T>, &pack<T>, &num_tiles<T>, &run_tiles<T>};
+template <typename scalar_t>
+IsaKernels<scalar_t> kernels() {
+  return {kPanelWidth<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>};
 }
 
 }  // namespace

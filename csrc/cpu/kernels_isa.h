@@ -12,38 +12,38 @@ enum class Epilogue : int32_t {
   kNone,
   kTanh,       // C = tanh(C)
   kRelu,       // C = relu(C)
-  kTanhGrad,   // C *= 1 - H^2    (H: the step's outputs)
-  kReluGrad,   // C *= [H > 0]
+  kTanhGrad,   // C *= 1 - y^2    (y: the step's outputs)
+  kReluGrad,   // C *= [y > 0]
 };
 
-// One step's product C[M, N] = epilogue(S + A[M, K] @ W[K, N]), W packed by IsaKernels::pack,
-// where the start S is C itself (accumulate), or else the row vector `row` [N] on every row
+// One step's product C[rows, cols] = epilogue(S + A[rows, depth] @ W[depth, cols]), W packed by
+// IsaKernels::pack, where the start S is C itself (accumulate), or else the row vector `row` [cols] on every row
 // (zero when row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
 // receive no recurrent term.
-template <typename T>
+template <typename scalar_t>
 struct StepJob {
-  int64_t M, N, K;
-  const T* A;  // [M, K], rows lda apart
+  int64_t rows, cols, depth;
+  const scalar_t* A;  // [rows, depth], rows lda apart
   int64_t lda;
-  const T* W;  // packed [K, N]
-  T* C;        // [M, N], rows ldc apart
+  const scalar_t* W;  // packed [depth, cols]
+  scalar_t* C;        // [rows, cols], rows ldc apart
   int64_t ldc;
   Epilogue epilogue;
-  const T* H;  // [M, N], rows ldh apart: the outputs the gradient epilogues read
-  int64_t ldh;
+  const scalar_t* y;  // [rows, cols], rows ldy apart: the outputs the gradient epilogues read
+  int64_t ldy;
   bool accumulate;
-  const T* row;  // [N] or nullptr; read only when !accumulate
+  const scalar_t* row;  // [cols] or nullptr; read only when !accumulate
 };
 
-template <typename T>
+template <typename scalar_t>
 struct IsaKernels {
-  // Columns per packed panel. Packed W holds ceil(N / panel_width) panels of K x panel_width
-  // elements (zero-padded past N), each contiguous.
+  // Columns per packed panel. Packed W holds ceil(cols / panel_width) panels of depth x panel_width
+  // elements (zero-padded past cols), each contiguous.
   int64_t panel_width;
-  void (*pack)(int64_t K, int64_t N, const T* W, int64_t ldw, T* packed);
+  void (*pack)(int64_t depth, int64_t cols, const scalar_t* W, int64_t ldw, scalar_t* packed);
   // The job splits into independent tiles [0, num_tiles), run in any order or in parallel.
-  int64_t (*num_tiles)(int64_t M, int64_t N);
-  void (*run_tiles)(const StepJob<T>& job, int64_t begin, int64_t end);
+  int64_t (*num_tiles)(int64_t rows, int64_t cols);
+  void (*run_tiles)(const StepJob<scalar_t>& job, int64_t begin, int64_t end);
 };
 
 IsaKernels<float> avx512_kernels_f32();
