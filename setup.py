@@ -17,9 +17,6 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 

@@ -68,7 +68,7 @@ def rnn(
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, dropout, training=True)
-        x, h_layer = ops.rnn_layer(
+        x, h_layer = ops.run_layer(
             x,
             hx[layer * directions : (layer + 1) * directions],
             weights[layer * per_layer : (layer + 1) * per_layer],

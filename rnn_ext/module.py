@@ -11,10 +11,12 @@ from .functional import rnn, uses_relu
 
 
 def _check_type(value, kind, name):
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool) and name != "bias"):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
 
 
+# Not a subclass of nn.RNN: dynamo refuses to trace nn.RNN instances (and their subclasses), so
+# torch.compile(fullgraph=True) would break; the nn.RNN contract is reproduced here instead.
 class RNN(nn.Module):
     """Multi-layer Elman RNN, ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
 

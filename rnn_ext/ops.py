@@ -7,9 +7,13 @@ documented in ``csrc/rnn.h``:
     hx           [D, B, H]
     w_ih [H, I], w_hh [H, H], b_ih [H]?, b_hh [H]?, then the same four ``*_reverse`` when D == 2
     batch_sizes  [T] int64 CPU tensor, or None for dense input
+    relu         bool (else tanh)
     -> output    [N, D*H],   h_n [D, B, H]
 
-The weights are separate arguments rather than a list so that autograd needs no list handling.
+The op takes its weights in WEIGHT_SLOTS optional slots, not as a list: its C++ autograd Function
+(csrc/autograd.cpp) then gives each present weight its own autograd edge without list handling.
+``run_layer`` calls it with a layer's weights as nn.RNN's flat list.
+
 ``rnn_layer_backward`` is its gradient, itself a registered op so that compiled graphs can hold it;
 it takes the weights as nn.RNN's flat list.
 """
@@ -17,10 +21,12 @@ import torch
 
 from . import _C  # noqa: F401  (importing the extension registers the ops)
 
-_rnn_layer = torch.ops.rnn_ext.rnn_layer.default
+rnn_layer = torch.ops.rnn_ext.rnn_layer.default
 rnn_layer_backward = torch.ops.rnn_ext.rnn_layer_backward.default
 
-_NUM_WEIGHT_ARGS = 8  # w_ih, w_hh, b_ih, b_hh and the same four of the reverse direction
+WEIGHT_SLOT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_ih_reverse", "w_hh_reverse", "b_ih_reverse", "b_hh_reverse")
+WEIGHT_SLOTS = len(WEIGHT_SLOT_NAMES)  # rnn_layer's weight arguments, between hx and batch_sizes
+_SLOTS_PER_DIRECTION = WEIGHT_SLOTS // 2
 
 
 def layer_args(input, hx, weights, batch_sizes, relu):
@@ -36,20 +42,20 @@ def layer_args(input, hx, weights, batch_sizes, relu):
     slots = []
     for d in range(2):
         w = weights[d * per_direction : (d + 1) * per_direction]
-        slots += w + [None] * (4 - len(w))
+        slots += w + [None] * (_SLOTS_PER_DIRECTION - len(w))
     return (input, hx, *slots, batch_sizes, relu)
 
 
-def rnn_layer(input, hx, weights, batch_sizes, relu):
-    """One layer of the recurrence with its weights as nn.RNN's flat list; returns (output, h_n)."""
-    return _rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu))
+def run_layer(input, hx, weights, batch_sizes, relu):
+    """rnn_layer with the layer's weights as nn.RNN's flat list; returns (output, h_n)."""
+    return rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu))
 
 
 @torch.library.register_fake("rnn_ext::rnn_layer")
 def _rnn_layer_fake(input, hx, *args):
     torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
     torch._check(hx.dim() == 3, lambda: f"rnn_ext: hx must be 3-D, got {hx.dim()}-D")
-    for name, t in (("hx", hx), *zip(("w_ih", "w_hh", "b_ih", "b_hh") * 2, args[:_NUM_WEIGHT_ARGS])):
+    for name, t in (("hx", hx), *zip(WEIGHT_SLOT_NAMES, args[:WEIGHT_SLOTS])):
         if t is not None:
             torch._check(
                 t.device == input.device and t.dtype == input.dtype,

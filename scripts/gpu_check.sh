@@ -2,14 +2,16 @@
 # One prepared run on a lent GPU machine (H200, torch + nvcc preinstalled, no network), from the
 # repository root of a copied working tree:
 #   1. build the extension in place for sm_90 (FORCE_CUDA=1),
-#   2. pytest tests/test_cuda.py, then the other tests if time allows,
-#   3. scripts/gpu_bench.py (rnn_ext vs cuDNN, float32, TF32 off),
+#   2. the whole test suite's CUDA cases (pytest -m cuda: the device-parametrized shared suites
+#      and tests/test_cuda.py), then the CPU cases if time allows,
+#   3. python -m rnn_ext.benchmark --device cuda against nn.RNN (cuDNN): float32 and bfloat16
+#      dense, and float32 packed,
 # writing a summary to $OUT/cuda.md (benchmarks/results/cuda.md when OUT is unset) and every line
-# of output to $OUT/log.txt (log.txt next to cuda.md). Each phase has its own time limit and the
+# of output to $OUT/log.txt (log.txt next to cuda.md). Each part has its own time limit and the
 # whole run stays under about 7 minutes; the exit status is 0 only if the build and the CUDA
-# tests passed.
+# tests passed. On a failure or a timeout the summary names the failing (or last running) test.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh
+#   OUT=/some/dir bash scripts/gpu_check.sh        (PYTHON defaults to python3)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +21,8 @@ SUMMARY="$RESULTS_DIR/cuda.md"
 LOG="$RESULTS_DIR/log.txt"
 WORK="$(mktemp -d)"
 
-BUDGET_S=420  # the phases below stop starting once this much time has gone
-PYTHON="${PYTHON:-python}"
+BUDGET_S=420  # the parts below stop starting once this much time has gone
+PYTHON="${PYTHON:-python3}"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDA_HOME=/usr/local/cuda  # else torch finds the toolkit from nvcc on PATH
 fi
@@ -28,7 +30,7 @@ fi
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16
 export PYTHONDONTWRITEBYTECODE=1
 
-phase() { echo; echo "=== $* (t=${SECONDS}s)"; }
+part() { echo; echo "=== $* (t=${SECONDS}s)"; }
 left() { echo $((BUDGET_S - SECONDS)); }
 # Runs "$@" with a limit of $1 seconds, capped by what is left of the budget; returns its status
 # (124 on timeout, 125 when no time was left to start it).
@@ -39,20 +41,47 @@ limited() {
   (( limit > remaining )) && limit=$remaining
   timeout --kill-after=10 "$limit" "$@"
 }
-status_word() { case $1 in 0) echo passed ;; 124) echo "timed out" ;; 125) echo skipped ;; *) echo "failed (exit $1)" ;; esac; }
+status_word() { case $1 in 0) echo passed ;; 124|137) echo "timed out" ;; 125) echo skipped ;; *) echo "failed (exit $1)" ;; esac; }
+
+# pytest -v output in $2 -> what failed, or (after a timeout) the test that was running.
+test_report() {
+  local rc=$1 file=$2
+  grep -E '^(FAILED|ERROR) ' "$file" | head -n 40 || true
+  if (( rc == 124 || rc == 137 )); then
+    echo "timed out while running: $(grep -E '::' "$file" | tail -n 1)"
+  fi
+}
+
+# Runs pytest on the CUDA (or CPU) cases; $1 name, $2 limit, $3 marker expression.
+run_tests() {
+  local name=$1 limit=$2 marker=$3
+  part "pytest -m '$marker'"
+  limited "$limit" "$PYTHON" -m pytest -v -rfE -p no:cacheprovider -m "$marker" tests 2>&1 | tee "$WORK/$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+
+# Runs one benchmark table; $1 name, $2 limit, then the benchmark's arguments.
+run_bench() {
+  local name=$1 limit=$2; shift 2
+  part "benchmark $name: $*"
+  limited "$limit" "$PYTHON" -m rnn_ext.benchmark --device cuda --markdown "$WORK/bench-$name.md" "$@"
+  local rc=$?
+  echo "benchmark $name: $(status_word $rc)" >> "$WORK/bench-status.txt"
+  return $rc
+}
 
 main() {
-phase "environment"
+part "environment"
 date -u
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi failed"
 nvcc --version | tail -n 2 || echo "nvcc not found under $CUDA_HOME/bin"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
 "$PYTHON" -c "import ninja" 2>/dev/null && echo "ninja: yes" || echo "ninja: no (serial build)"
 HAVE_PYTEST=1
-"$PYTHON" -c "import pytest; print('pytest', pytest.__version__)" || { HAVE_PYTEST=0; echo "pytest missing: tests cannot run"; }
+"$PYTHON" -c "import pytest, hypothesis; print('pytest', pytest.__version__)" || { HAVE_PYTEST=0; echo "pytest or hypothesis missing: tests cannot run"; }
 git log --oneline -n 3 2>/dev/null || true
 
-phase "build (FORCE_CUDA=1, sm_90, MAX_JOBS=16)"
+part "build (FORCE_CUDA=1, sm_90, MAX_JOBS=16)"
 build_start=$SECONDS
 limited 300 "$PYTHON" setup.py build_ext --inplace
 build_rc=$?
@@ -63,32 +92,22 @@ if (( build_rc == 0 )); then
 fi
 echo "build: $(status_word $build_rc) in ${build_s}s"
 
-cuda_rc=125 other_rc=125 bench_rc=125
-cuda_summary="not run" other_summary="not run"
+cuda_rc=125 cpu_rc=125
 if (( build_rc == 0 && HAVE_PYTEST == 1 )); then
-  phase "pytest tests/test_cuda.py"
-  limited 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$WORK/cuda_tests.txt"
-  cuda_rc=${PIPESTATUS[0]}
-  cuda_summary=$(tail -n 1 "$WORK/cuda_tests.txt")
-
-  phase "pytest: the other tests, quick ones"
-  other=$(ls tests/test_*.py 2>/dev/null | grep -v '^tests/test_cuda.py$' || true)
-  if [[ -n "$other" ]]; then
-    limited 60 "$PYTHON" -m pytest -q -p no:cacheprovider -m "not slow" $other 2>&1 | tee "$WORK/other_tests.txt"
-    other_rc=${PIPESTATUS[0]}
-    other_summary=$(tail -n 1 "$WORK/other_tests.txt")
-  else
-    other_summary="no other test files"
-  fi
+  run_tests cuda 200 "cuda"
+  cuda_rc=$?
 fi
-
 if (( build_rc == 0 )); then
-  phase "benchmark"
-  limited 120 "$PYTHON" scripts/gpu_bench.py --out "$WORK/bench.md"
-  bench_rc=$?
+  run_bench float32 45 --shape-budget 4
+  run_bench bfloat16 40 --dtype bfloat16 --shape-budget 4
+  run_bench packed 30 --packed --shape-budget 4
+fi
+if (( build_rc == 0 && HAVE_PYTEST == 1 )); then
+  run_tests cpu 90 "not cuda and not slow"
+  cpu_rc=$?
 fi
 
-phase "summary"
+part "summary"
 {
   echo "# rnn_ext on CUDA: build, tests, benchmark"
   echo
@@ -96,24 +115,29 @@ phase "summary"
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
   echo "- $("$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null); $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'nvcc ?')"
   echo "- build (sm_90): $(status_word $build_rc), ${build_s}s"
-  echo "- tests/test_cuda.py: $(status_word $cuda_rc): $cuda_summary"
-  echo "- other tests: $(status_word $other_rc): $other_summary"
-  echo "- benchmark: $(status_word $bench_rc)"
+  echo "- CUDA tests (pytest -m cuda): $(status_word $cuda_rc): $(tail -n 1 "$WORK/cuda.txt" 2>/dev/null)"
+  echo "- CPU tests: $(status_word $cpu_rc): $(tail -n 1 "$WORK/cpu.txt" 2>/dev/null)"
+  [[ -s "$WORK/bench-status.txt" ]] && sed 's/^/- /' "$WORK/bench-status.txt"
   echo
-  if [[ -s "$WORK/cuda_tests.txt" ]]; then
-    echo "## Test failures and skips (pytest -ra)"
-    echo
-    echo '```'
-    grep -E '^(FAILED|ERROR|SKIPPED)' "$WORK/cuda_tests.txt" | head -n 40 || true
-    echo '```'
-    echo
-  fi
-  if [[ -s "$WORK/bench.md" ]]; then
-    echo "## Benchmark"
-    echo
-    cat "$WORK/bench.md"
-  fi
-  echo
+  for name in cuda cpu; do
+    if [[ -s "$WORK/$name.txt" ]]; then
+      echo "## $name tests: failures"
+      echo
+      echo '```'
+      rc_var="${name}_rc"
+      test_report "${!rc_var}" "$WORK/$name.txt"
+      echo '```'
+      echo
+    fi
+  done
+  for name in float32 bfloat16 packed; do
+    if [[ -s "$WORK/bench-$name.md" ]]; then
+      echo "## Benchmark: $name"
+      echo
+      cat "$WORK/bench-$name.md"
+      echo
+    fi
+  done
   echo "Full output: log.txt. Total time: ${SECONDS}s."
 } > "$SUMMARY"
 cat "$SUMMARY"

@@ -188,8 +188,8 @@ def check_layer_against_cpu(sizes, packed, I, H, D, bias, relu, masks, seed=0):
     batch_sizes = torch.tensor(sizes) if packed else None
     cpu = layer_args(sizes, sizes[0], I, H, D, bias, torch.float64, "cpu", seed=seed)
     dev = [cpu[0].to(DEVICE), cpu[1].to(DEVICE), [w.to(DEVICE) for w in cpu[2]]]
-    out_cpu, h_n_cpu = rnn_ext.ops.rnn_layer(*cpu, batch_sizes, relu)
-    out_dev, h_n_dev = rnn_ext.ops.rnn_layer(*dev, batch_sizes, relu)
+    out_cpu, h_n_cpu = rnn_ext.ops.run_layer(*cpu, batch_sizes, relu)
+    out_dev, h_n_dev = rnn_ext.ops.run_layer(*dev, batch_sizes, relu)
     torch.testing.assert_close(out_dev.cpu(), out_cpu)
     torch.testing.assert_close(h_n_dev.cpu(), h_n_cpu)
 
@@ -237,7 +237,7 @@ def test_gradcheck_op(D, relu, packed):
     inputs = [t.requires_grad_() for t in [x, hx, *weights]]
 
     def layer(x, hx, *weights):
-        return rnn_ext.ops.rnn_layer(x, hx, list(weights), batch_sizes, relu)
+        return rnn_ext.ops.run_layer(x, hx, list(weights), batch_sizes, relu)
 
     assert torch.autograd.gradcheck(layer, inputs)
 
@@ -265,7 +265,7 @@ def test_gradcheck_op_with_no_steps(D):
     inputs = [t.requires_grad_() for t in [x, hx, *weights]]
 
     def layer(x, hx, *weights):
-        return rnn_ext.ops.rnn_layer(x, hx, list(weights), None, False)
+        return rnn_ext.ops.run_layer(x, hx, list(weights), None, False)
 
     assert torch.autograd.gradcheck(layer, inputs)
 
@@ -308,7 +308,7 @@ def test_opcheck_rnn_layer(requires_grad):
 @pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, True]])
 def test_opcheck_rnn_layer_backward(mask):
     for x, hx, weights, batch_sizes, relu in opcheck_samples():
-        output, _ = rnn_ext.ops.rnn_layer(x, hx, weights, batch_sizes, relu)
+        output, _ = rnn_ext.ops.run_layer(x, hx, weights, batch_sizes, relu)
         grad_output = torch.randn_like(output)
         grad_h_n = torch.randn_like(hx)
         args = (grad_output, grad_h_n, x, hx, weights, batch_sizes, relu, output, mask)
@@ -415,8 +415,8 @@ def test_runs_on_the_current_stream():
 def test_mixed_devices_are_rejected():
     x, hx, weights = layer_args([2, 2], 2, 3, 4, 1, True, torch.float32, DEVICE)
     with pytest.raises(RuntimeError, match="hx must be on the input's device"):
-        rnn_ext.ops.rnn_layer(x, hx.cpu(), weights, None, False)
+        rnn_ext.ops.run_layer(x, hx.cpu(), weights, None, False)
     with pytest.raises(RuntimeError, match="each weight must be on the input's device"):
-        rnn_ext.ops.rnn_layer(x, hx, [weights[0].cpu(), *weights[1:]], None, False)
+        rnn_ext.ops.run_layer(x, hx, [weights[0].cpu(), *weights[1:]], None, False)
     with pytest.raises(RuntimeError, match="batch_sizes must be a 1-D int64 CPU tensor"):
-        rnn_ext.ops.rnn_layer(x, hx, weights, torch.tensor([2, 2], device=DEVICE), False)
+        rnn_ext.ops.run_layer(x, hx, weights, torch.tensor([2, 2], device=DEVICE), False)

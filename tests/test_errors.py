@@ -123,7 +123,7 @@ def test_fake_kernel_rejects_mixed_devices():
     hx = torch.zeros(1, 2, 4, device="meta")
     weights = [torch.randn(4, 3), torch.randn(4, 4)]
     with pytest.raises(RuntimeError):
-        rnn_ext.ops.rnn_layer(x, hx, weights, None, False)
+        rnn_ext.ops.run_layer(x, hx, weights, None, False)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -44,7 +44,7 @@ def test_gradcheck_op(name):
     input, hx, weights, batch_sizes, relu = layer_sample(requires_grad=True, **SAMPLES[name])
 
     def run(input, hx, *weights):
-        return ops.rnn_layer(input, hx, weights, batch_sizes, relu)
+        return ops.run_layer(input, hx, weights, batch_sizes, relu)
 
     assert torch.autograd.gradcheck(run, (input, hx, *weights))
 
@@ -60,14 +60,14 @@ def test_opcheck_forward(name, requires_grad):
 @pytest.mark.parametrize("name", ["dense-bidir", "packed-bidir"])
 def test_opcheck_backward(name, mask):
     input, hx, weights, batch_sizes, relu = layer_sample(**SAMPLES[name])
-    output, h_n = ops.rnn_layer(input, hx, weights, batch_sizes, relu)
+    output, h_n = ops.run_layer(input, hx, weights, batch_sizes, relu)
     args = (torch.randn_like(output), torch.randn_like(h_n), input, hx, weights, batch_sizes, relu, output, list(mask))
     torch.library.opcheck(torch.ops.rnn_ext.rnn_layer_backward.default, args)
 
 
 def test_backward_mask_skips_work_but_keeps_values():
     input, hx, weights, batch_sizes, relu = layer_sample(directions=2)
-    output, h_n = ops.rnn_layer(input, hx, weights, batch_sizes, relu)
+    output, h_n = ops.run_layer(input, hx, weights, batch_sizes, relu)
     grads = (torch.randn_like(output), torch.randn_like(h_n))
     full = ops.rnn_layer_backward(*grads, input, hx, weights, batch_sizes, relu, output, [True, True, True])
     only_hx = ops.rnn_layer_backward(*grads, input, hx, weights, batch_sizes, relu, output, [False, True, False])
@@ -116,21 +116,21 @@ def test_torch_export():
 def test_op_rejects_bad_arguments():
     input, hx, weights, batch_sizes, relu = layer_sample()
     with pytest.raises(RuntimeError, match="input must be 2-D"):
-        ops.rnn_layer(input[None], hx, weights, batch_sizes, relu)
+        ops.run_layer(input[None], hx, weights, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="hx must have the input's dtype"):
-        ops.rnn_layer(input, hx.float(), weights, batch_sizes, relu)
+        ops.run_layer(input, hx.float(), weights, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="w_hh must have shape"):
-        ops.rnn_layer(input, hx, [weights[0], weights[1][:, :2], *weights[2:]], batch_sizes, relu)
+        ops.run_layer(input, hx, [weights[0], weights[1][:, :2], *weights[2:]], batch_sizes, relu)
     with pytest.raises(RuntimeError, match="2 \\(no bias\\) or 4 tensors per direction"):
-        ops.rnn_layer(input, hx, weights[:3], batch_sizes, relu)
+        ops.run_layer(input, hx, weights[:3], batch_sizes, relu)
     with pytest.raises(RuntimeError, match="2 \\(no bias\\) or 4 tensors per direction"):
-        ops.rnn_layer(input, hx.expand(3, -1, -1), weights, batch_sizes, relu)
+        ops.run_layer(input, hx.expand(3, -1, -1), weights, batch_sizes, relu)
     op = torch.ops.rnn_ext.rnn_layer.default
     with pytest.raises(RuntimeError, match="b_ih and b_hh must be given together"):
         op(input, hx, weights[0], weights[1], weights[2], None, None, None, None, None, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="w_ih must have shape"):  # a one-direction layer called as two
         op(input, hx.expand(2, -1, -1), *weights, None, None, None, None, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="floating point"):
-        ops.rnn_layer(input.long(), hx.long(), [w.long() for w in weights], batch_sizes, relu)
+        ops.run_layer(input.long(), hx.long(), [w.long() for w in weights], batch_sizes, relu)
     with pytest.raises(RuntimeError, match="multiple of the batch size"):
-        ops.rnn_layer(input[:-1], hx, weights, batch_sizes, relu)
+        ops.run_layer(input[:-1], hx, weights, batch_sizes, relu)
