@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import rnn_ext
@@ -9,6 +10,32 @@ def pytest_report_header(config):
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"CPU kernels: {rnn_ext.cpu_isa()}, CUDA kernels built: {rnn_ext.cuda_kernels_built()}, GPU visible: {torch.cuda.is_available()}",
     ]
+
+
+# Every device the kernels run on. A test of a shared suite takes the `device` fixture and runs
+# once per device (ids [cpu], [cuda]); without a GPU the cuda variants are collected and skipped.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 parity is with IEEE float32 on both sides: TF32 off for cuBLAS and cuDNN (nn.RNN on
+    CUDA runs cuDNN) in every test, and the flags restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # Hypothesis profiles: "ci" (default, a few minutes at most) and "long" (run by hand:

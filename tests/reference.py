@@ -47,11 +47,18 @@ def reference_rnn(x, hx, weights, *, num_layers, nonlinearity="tanh", bias=True,
 
 
 def make_pair(input_size, hidden_size, dtype=torch.float64, device="cpu", **kwargs):
-    """(rnn_ext.RNN, torch.nn.RNN) with identical weights."""
-    ours = rnn_ext.RNN(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
-    theirs = torch.nn.RNN(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    """(rnn_ext.RNN, torch.nn.RNN) on device with identical weights. Both are built on the CPU,
+    so a seed of the global generator gives the same weights on every device, and then moved."""
+    ours = rnn_ext.RNN(input_size, hidden_size, dtype=dtype, **kwargs)
+    theirs = torch.nn.RNN(input_size, hidden_size, dtype=dtype, **kwargs)
     theirs.load_state_dict(ours.state_dict())
-    return ours, theirs
+    return ours.to(device), theirs.to(device)
+
+
+def randn(*shape, dtype=torch.float64, device="cpu", requires_grad=False):
+    """torch.randn drawn from the global CPU generator and then moved to device: the same numbers
+    on every device and machine for a given seed."""
+    return torch.randn(*shape, dtype=dtype).to(device).requires_grad_(requires_grad)
 
 
 def outputs_and_grads(module, input, hx, grad_output, grad_h_n):
@@ -111,11 +118,13 @@ def assert_as_accurate_as(ours, theirs, exact):
             f"nn.RNN's {error_theirs:.3g}")
 
 
-def packed_batch(lengths, input_size, dtype=torch.float64, enforce_sorted=False, batch_first=False, seed=0):
-    """A padded batch with the given lengths and its PackedSequence (data requires grad)."""
+def packed_batch(lengths, input_size, dtype=torch.float64, enforce_sorted=False, batch_first=False, seed=0,
+                 device="cpu"):
+    """A padded batch with the given lengths, drawn on the CPU and moved to device, and its
+    PackedSequence (data requires grad; batch_sizes stays on the CPU, as PackedSequence keeps it)."""
     generator = torch.Generator().manual_seed(seed)
     seq_len = max(lengths)
-    padded = torch.randn(seq_len, len(lengths), input_size, dtype=dtype, generator=generator)
+    padded = torch.randn(seq_len, len(lengths), input_size, dtype=dtype, generator=generator).to(device)
     if batch_first:
         padded = padded.transpose(0, 1).contiguous()
     packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=enforce_sorted)

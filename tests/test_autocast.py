@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rnn_ext
-from reference import make_pair
+from reference import make_pair, randn
 
 # Hidden states lie in [-1, 1], where a bfloat16 ulp is at most 2^-8 ≈ 0.004. Inputs, weights and
 # each step's result are rounded to bfloat16, and rounding differences propagate through the
@@ -36,13 +36,13 @@ def test_cpu_autocast_bfloat16_matches_nn_rnn(bidir):
         assert (g - ref).abs().max() <= 5e-2 * scale
 
 
-def test_autocast_applies_to_the_op_and_compiles():
+def test_autocast_applies_to_the_op_and_compiles(device):
     torch.manual_seed(1)
-    model = rnn_ext.RNN(4, 6)
-    x = torch.randn(5, 2, 4)
+    model = rnn_ext.RNN(4, 6).to(device)
+    x = randn(5, 2, 4, dtype=torch.float32, device=device)
 
     def run(x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return model(x)
 
     eager = run(x)
@@ -51,8 +51,8 @@ def test_autocast_applies_to_the_op_and_compiles():
     torch.testing.assert_close(eager, compiled)
 
 
-def test_autocast_disabled_keeps_float32():
-    model = rnn_ext.RNN(4, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
-        out, _ = model(torch.randn(3, 1, 4))
+def test_autocast_disabled_keeps_float32(device):
+    model = rnn_ext.RNN(4, 6, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=False):
+        out, _ = model(randn(3, 1, 4, dtype=torch.float32, device=device))
     assert out.dtype == torch.float32

@@ -1,16 +1,18 @@
 """Gradients of gradients (create_graph=True): double backward, gradient penalties. nn.RNN has
 them on the CPU (autograd through its per-step ops) but not with cuDNN; rnn_ext differentiates a
-step-by-step rebuild of the layer when a graph of the gradients is asked for."""
+step-by-step rebuild of the layer when a graph of the gradients is asked for. On CUDA, nn.RNN is
+compared with cuDNN turned off, where it too runs per-step ops."""
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
-from reference import make_pair, packed_batch
+from reference import make_pair, packed_batch, randn
 
 CONFIGS = [
     dict(),
     dict(num_layers=2, bidirectional=True, nonlinearity="relu"),
     dict(bias=False, bidirectional=True, batch_first=True),
+    dict(num_layers=2, bidirectional=True, batch_first=True),
     dict(num_layers=3, nonlinearity="tanh"),
 ]
 
@@ -25,30 +27,32 @@ def gradient_penalty_and_its_grads(module, x, hx):
     return [penalty, *first, *torch.autograd.grad(penalty, [inputs, hx, *module.parameters()])]
 
 
-def make_hx(config, batch, hidden):
+def make_hx(config, batch, hidden, device):
     directions = 2 if config.get("bidirectional") else 1
-    return torch.randn(config.get("num_layers", 1) * directions, batch, hidden, dtype=torch.float64, requires_grad=True)
+    return randn(config.get("num_layers", 1) * directions, batch, hidden, device=device, requires_grad=True)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_gradient_penalty_matches_nn_rnn(config, packed):
+def test_gradient_penalty_matches_nn_rnn(config, packed, device):
     torch.manual_seed(0)
-    ours, theirs = make_pair(3, 4, **config)
+    ours, theirs = make_pair(3, 4, device=device, **config)
     if packed:
-        _, x = packed_batch([5, 2, 4], 3, batch_first=config.get("batch_first", False))
+        _, x = packed_batch([5, 2, 4], 3, batch_first=config.get("batch_first", False), device=device)
     else:
         shape = (3, 5, 3) if config.get("batch_first") else (5, 3, 3)
-        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    hx = make_hx(config, 3, 4)
-    torch.testing.assert_close(gradient_penalty_and_its_grads(ours, x, hx),
-                               gradient_penalty_and_its_grads(theirs, x, hx))
+        x = randn(*shape, device=device, requires_grad=True)
+    hx = make_hx(config, 3, 4, device)
+    ours_result = gradient_penalty_and_its_grads(ours, x, hx)
+    with torch.backends.cudnn.flags(enabled=False):  # cuDNN's nn.RNN has no double backward
+        theirs_result = gradient_penalty_and_its_grads(theirs, x, hx)
+    torch.testing.assert_close(ours_result, theirs_result)
 
 
-def test_create_graph_gives_the_same_first_order_gradients():
+def test_create_graph_gives_the_same_first_order_gradients(device):
     torch.manual_seed(0)
-    ours, _ = make_pair(3, 5, num_layers=2, bidirectional=True)
-    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    ours, _ = make_pair(3, 5, device=device, num_layers=2, bidirectional=True)
+    x = randn(6, 2, 3, device=device, requires_grad=True)
     output, h_n = ours(x)
     wrt = [x, *ours.parameters()]
     plain = torch.autograd.grad(output.sum() + h_n.sum(), wrt, retain_graph=True)
@@ -57,13 +61,13 @@ def test_create_graph_gives_the_same_first_order_gradients():
     assert all(g.requires_grad for g in with_graph)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:3], ids=str)
-def test_gradgradcheck_through_the_module(config):
+@pytest.mark.parametrize("config", CONFIGS[:4], ids=str)
+def test_gradgradcheck_through_the_module(config, device):
     torch.manual_seed(0)
-    ours, _ = make_pair(2, 3, **config)
+    ours, _ = make_pair(2, 3, device=device, **config)
     shape = (2, 3, 2) if config.get("batch_first") else (3, 2, 2)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    hx = make_hx(config, 2, 3)
+    x = randn(*shape, device=device, requires_grad=True)
+    hx = make_hx(config, 2, 3, device)
     params = list(ours.parameters())
 
     def run(x, hx, *weights):
@@ -74,11 +78,11 @@ def test_gradgradcheck_through_the_module(config):
     assert gradgradcheck(run, (x, hx, *params))
 
 
-def test_gradgradcheck_packed_bidirectional():
+def test_gradgradcheck_packed_bidirectional(device):
     torch.manual_seed(0)
-    ours, _ = make_pair(2, 3, bidirectional=True)
-    _, packed = packed_batch([3, 1, 2], 2)
-    hx = make_hx(dict(bidirectional=True), 3, 3)
+    ours, _ = make_pair(2, 3, device=device, bidirectional=True)
+    _, packed = packed_batch([3, 1, 2], 2, device=device)
+    hx = make_hx(dict(bidirectional=True), 3, 3, device)
     names = [n for n, _ in ours.named_parameters()]
 
     def run(data, hx, *weights):

@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import rnn_ext
-from reference import make_pair
+from reference import make_pair, randn
 
 
 def raised(fn):
@@ -16,35 +16,40 @@ def raised(fn):
     return None
 
 
-def assert_raises_like_nn_rnn(call, *, match):
-    """call(module) must raise for rnn_ext.RNN the exception type nn.RNN raises, with a clear message."""
-    ours, theirs = make_pair(3, 4, dtype=torch.float32, num_layers=2)
-    theirs_error = raised(lambda: call(theirs))
+def assert_raises_like_nn_rnn(call, device, *, match):
+    """call(module, tensor) must raise for rnn_ext.RNN the exception type nn.RNN raises, with a clear
+    message; tensor(*shape, dtype=torch.float32) makes the call's arguments on device."""
+    ours, theirs = make_pair(3, 4, dtype=torch.float32, device=device, num_layers=2)
+
+    def tensor(*shape, dtype=torch.float32):
+        return randn(*shape, dtype=dtype, device=device)
+
+    theirs_error = raised(lambda: call(theirs, tensor))
     assert theirs_error is not None, "nn.RNN accepts this input; the test case is wrong"
     with pytest.raises(type(theirs_error), match=match):
-        call(ours)
+        call(ours, tensor)
 
 
 CASES = {
-    "4-D input": (lambda m: m(torch.randn(2, 3, 4, 3)), "Expected input to be 2D or 3D, got 4D"),
-    "1-D input": (lambda m: m(torch.randn(3)), "Expected input to be 2D or 3D, got 1D"),
-    "input size": (lambda m: m(torch.randn(5, 2, 7)), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 7"),
-    "hx batch": (lambda m: m(torch.randn(5, 2, 3), torch.randn(2, 3, 4)), "Expected hidden size \\(2, 2, 4\\), got \\[2, 3, 4\\]"),
-    "hx layers": (lambda m: m(torch.randn(5, 2, 3), torch.randn(1, 2, 4)), "Expected hidden size"),
-    "hx ndim batched": (lambda m: m(torch.randn(5, 2, 3), torch.randn(2, 4)), "hx should also be 3-D"),
-    "hx ndim unbatched": (lambda m: m(torch.randn(5, 3), torch.randn(2, 1, 4)), "hx should also be 2-D"),
-    "input dtype": (lambda m: m(torch.randn(5, 2, 3, dtype=torch.float64)), "input dtype \\(torch.float64\\) does not match weight dtype"),
-    "integer input": (lambda m: m(torch.ones(5, 2, 3, dtype=torch.int64)), "does not match weight dtype"),
-    "hx dtype": (lambda m: m(torch.randn(5, 2, 3), torch.randn(2, 2, 4, dtype=torch.float64)), "hx must have the input's dtype"),
-    "sequence length 0": (lambda m: m(torch.randn(0, 2, 3)), "sequence length to be larger than 0"),
-    "unbatched length 0": (lambda m: m(torch.randn(0, 3)), "sequence length to be larger than 0"),
+    "4-D input": (lambda m, t: m(t(2, 3, 4, 3)), "Expected input to be 2D or 3D, got 4D"),
+    "1-D input": (lambda m, t: m(t(3)), "Expected input to be 2D or 3D, got 1D"),
+    "input size": (lambda m, t: m(t(5, 2, 7)), "input.size\\(-1\\) must be equal to input_size. Expected 3, got 7"),
+    "hx batch": (lambda m, t: m(t(5, 2, 3), t(2, 3, 4)), "Expected hidden size \\(2, 2, 4\\), got \\[2, 3, 4\\]"),
+    "hx layers": (lambda m, t: m(t(5, 2, 3), t(1, 2, 4)), "Expected hidden size"),
+    "hx ndim batched": (lambda m, t: m(t(5, 2, 3), t(2, 4)), "hx should also be 3-D"),
+    "hx ndim unbatched": (lambda m, t: m(t(5, 3), t(2, 1, 4)), "hx should also be 2-D"),
+    "input dtype": (lambda m, t: m(t(5, 2, 3, dtype=torch.float64)), "input dtype \\(torch.float64\\) does not match weight dtype"),
+    "integer input": (lambda m, t: m(t(5, 2, 3).long()), "does not match weight dtype"),
+    "hx dtype": (lambda m, t: m(t(5, 2, 3), t(2, 2, 4, dtype=torch.float64)), "hx must have the input's dtype"),
+    "sequence length 0": (lambda m, t: m(t(0, 2, 3)), "sequence length to be larger than 0"),
+    "unbatched length 0": (lambda m, t: m(t(0, 3)), "sequence length to be larger than 0"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_module_input_errors_match_nn_rnn(case):
+def test_module_input_errors_match_nn_rnn(case, device):
     call, match = CASES[case]
-    assert_raises_like_nn_rnn(call, match=match)
+    assert_raises_like_nn_rnn(call, device, match=match)
 
 
 CONSTRUCTOR_CASES = {
@@ -72,10 +77,11 @@ def test_constructor_errors_match_nn_rnn(case):
         rnn_ext.RNN(**kwargs)
 
 
-def packed_with(batch_sizes, rows=None):
+def packed_with(batch_sizes, device, rows=None):
+    """A PackedSequence of input size 3 on device with these batch_sizes (on the CPU) and rows."""
     batch_sizes = torch.tensor(batch_sizes, dtype=torch.int64)
     rows = int(batch_sizes.sum()) if rows is None else rows
-    return PackedSequence(torch.randn(rows, 3), batch_sizes)
+    return PackedSequence(randn(rows, 3, dtype=torch.float32, device=device), batch_sizes)
 
 
 @pytest.mark.parametrize(
@@ -87,27 +93,30 @@ def packed_with(batch_sizes, rows=None):
         ([3, -1], 2, "batch_sizes\\[1\\] must be positive, got -1"),
     ],
 )
-def test_malformed_batch_sizes_raise(batch_sizes, rows, match):
-    model = rnn_ext.RNN(3, 4, bidirectional=True)
+def test_malformed_batch_sizes_raise(batch_sizes, rows, match, device):
+    model = rnn_ext.RNN(3, 4, bidirectional=True, device=device)
     with pytest.raises(RuntimeError, match=match):
-        model(packed_with(batch_sizes, rows))
+        model(packed_with(batch_sizes, device, rows))
 
 
-def test_batch_sizes_must_be_int64_cpu():
-    model = rnn_ext.RNN(3, 4)
-    packed = PackedSequence(torch.randn(3, 3), torch.tensor([2, 1], dtype=torch.int32))
+def test_batch_sizes_must_be_int64_cpu(device):
+    model = rnn_ext.RNN(3, 4, device=device)
+    packed = PackedSequence(randn(3, 3, dtype=torch.float32, device=device), torch.tensor([2, 1], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="batch_sizes must be a 1-D int64 CPU tensor"):
         model(packed)
 
 
-def test_functional_weight_errors():
-    x = torch.randn(5, 2, 3)
-    hx = torch.zeros(1, 2, 4)
-    good = [torch.randn(4, 3), torch.randn(4, 4), torch.randn(4), torch.randn(4)]
+def test_functional_weight_errors(device):
+    def tensor(*shape):
+        return randn(*shape, dtype=torch.float32, device=device)
+
+    x = tensor(5, 2, 3)
+    hx = torch.zeros(1, 2, 4, device=device)
+    good = [tensor(4, 3), tensor(4, 4), tensor(4), tensor(4)]
     with pytest.raises(RuntimeError, match="w_ih must have shape \\[4, 3\\], got \\[4, 5\\]"):
-        rnn_ext.rnn(x, hx, [torch.randn(4, 5), *good[1:]])
+        rnn_ext.rnn(x, hx, [tensor(4, 5), *good[1:]])
     with pytest.raises(RuntimeError, match="b_hh must have shape \\[4\\], got \\[5\\]"):
-        rnn_ext.rnn(x, hx, [*good[:3], torch.randn(5)])
+        rnn_ext.rnn(x, hx, [*good[:3], tensor(5)])
     with pytest.raises(RuntimeError, match="each weight must have the input's dtype Float, got Double"):
         rnn_ext.rnn(x, hx, [good[0].double(), *good[1:]])
     with pytest.raises(ValueError, match="expected 4 weight tensors"):
@@ -128,12 +137,17 @@ def test_fake_kernel_rejects_mixed_devices():
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("act", ["tanh", "relu"])
-def test_nan_and_inf_propagate_like_nn_rnn(value, act):
+def test_nan_and_inf_propagate_like_nn_rnn(value, act, device):
+    """Against nn.RNN's own ops (cuDNN off on CUDA): their relu passes NaN on as torch.relu does,
+    which cuDNN's fused relu is not documented to do."""
     torch.manual_seed(0)
-    ours, theirs = make_pair(3, 4, dtype=torch.float32, num_layers=2, nonlinearity=act, bidirectional=True)
+    ours, theirs = make_pair(3, 4, dtype=torch.float32, device=device, num_layers=2, nonlinearity=act,
+                             bidirectional=True)
     x = torch.randn(6, 3, 3)
     x[2, 1, 0] = value
+    x = x.to(device)
     out, h_n = ours(x)
-    ref_out, ref_h_n = theirs(x)
+    with torch.backends.cudnn.flags(enabled=False):
+        ref_out, ref_h_n = theirs(x)
     torch.testing.assert_close(out, ref_out, equal_nan=True)
     torch.testing.assert_close(h_n, ref_h_n, equal_nan=True)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import rnn_ext
-from reference import make_pair, outputs_and_grads, reference_rnn
+from reference import make_pair, outputs_and_grads, randn, reference_rnn
 
 GRID = list(
     itertools.product(
@@ -23,7 +23,7 @@ GRID = list(
 
 def grid_id(params):
     layers, bidir, act, bias, batch_first, with_hx, dtype = params
-    return f"L{layers}-{'bi' if bidir else 'uni'}-{act}-{'bias' if bias else 'nobias'}-" \
+    return f"layers{layers}-{'bi' if bidir else 'uni'}-{act}-{'bias' if bias else 'nobias'}-" \
         f"{'bf' if batch_first else 'tf'}-{'hx' if with_hx else 'nohx'}-{str(dtype)[6:]}"
 
 
@@ -36,21 +36,22 @@ def assert_all_close(ours, theirs):
 
 
 @pytest.mark.parametrize("params", GRID, ids=[grid_id(p) for p in GRID])
-def test_parity_with_nn_rnn(params):
+def test_parity_with_nn_rnn(params, device):
     layers, bidir, act, bias, batch_first, with_hx, dtype = params
     torch.manual_seed(0)
     seq_len, batch, input_size, hidden = 5, 3, 4, 6
     ours, theirs = make_pair(
-        input_size, hidden, dtype=dtype, num_layers=layers, nonlinearity=act, bias=bias,
+        input_size, hidden, dtype=dtype, device=device, num_layers=layers, nonlinearity=act, bias=bias,
         batch_first=batch_first, bidirectional=bidir,
     )
     directions = 2 if bidir else 1
     shape = (batch, seq_len, input_size) if batch_first else (seq_len, batch, input_size)
-    x = torch.randn(shape, dtype=dtype, requires_grad=True)
-    hx = torch.randn(layers * directions, batch, hidden, dtype=dtype, requires_grad=True) if with_hx else None
+    x = randn(*shape, dtype=dtype, device=device, requires_grad=True)
+    state_shape = (layers * directions, batch, hidden)
+    hx = randn(*state_shape, dtype=dtype, device=device, requires_grad=True) if with_hx else None
     out_shape = shape[:2] + (directions * hidden,)
-    grad_output = torch.randn(out_shape, dtype=dtype)
-    grad_h_n = torch.randn(layers * directions, batch, hidden, dtype=dtype)
+    grad_output = randn(*out_shape, dtype=dtype, device=device)
+    grad_h_n = randn(*state_shape, dtype=dtype, device=device)
 
     ours_result = outputs_and_grads(ours, x, hx, grad_output, grad_h_n)
     theirs_result = outputs_and_grads(theirs, x, hx, grad_output, grad_h_n)
@@ -61,33 +62,34 @@ def test_parity_with_nn_rnn(params):
 @pytest.mark.parametrize("bidir", [False, True])
 @pytest.mark.parametrize("act", ["tanh", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference_loop(bidir, act, bias):
+def test_matches_reference_loop(bidir, act, bias, device):
     torch.manual_seed(1)
     layers, seq_len, batch, input_size, hidden = 2, 6, 3, 5, 4
-    model = rnn_ext.RNN(input_size, hidden, layers, act, bias, bidirectional=bidir, dtype=torch.float64)
+    model = rnn_ext.RNN(input_size, hidden, layers, act, bias, bidirectional=bidir, dtype=torch.float64).to(device)
     directions = 2 if bidir else 1
-    x = torch.randn(seq_len, batch, input_size, dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(layers * directions, batch, hidden, dtype=torch.float64, requires_grad=True)
+    x = randn(seq_len, batch, input_size, device=device, requires_grad=True)
+    hx = randn(layers * directions, batch, hidden, device=device, requires_grad=True)
     weights = list(model.parameters())
     out, h_n = model(x, hx)
     ref_out, ref_h_n = reference_rnn(x, hx, weights, num_layers=layers, nonlinearity=act, bias=bias, bidirectional=bidir)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(h_n, ref_h_n)
-    g, gh = torch.randn_like(out), torch.randn_like(h_n)
+    g, gh = randn(*out.shape, device=device), randn(*h_n.shape, device=device)
     ours = torch.autograd.grad((out * g).sum() + (h_n * gh).sum(), [x, hx, *weights])
     ref = torch.autograd.grad((ref_out * g).sum() + (ref_h_n * gh).sum(), [x, hx, *weights])
     assert_all_close(ours, ref)
 
 
-def test_gradcheck_through_module():
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_gradcheck_through_module(act, device):
     torch.manual_seed(2)
-    model = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
-    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
-    hx = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    model = rnn_ext.RNN(3, 4, num_layers=2, nonlinearity=act, bidirectional=True, dtype=torch.float64).to(device)
+    x = randn(4, 2, 3, device=device, requires_grad=True)
+    hx = randn(4, 2, 4, device=device, requires_grad=True)
     params = list(model.parameters())
 
     def run(x, hx, *weights):
-        out, h_n = rnn_ext.rnn(x, hx, weights, num_layers=2, bidirectional=True)
+        out, h_n = rnn_ext.rnn(x, hx, weights, num_layers=2, nonlinearity=act, bidirectional=True)
         return out, h_n
 
     assert torch.autograd.gradcheck(run, (x, hx, *params))
@@ -111,39 +113,41 @@ def test_constructor_and_attributes_match():
     ours.flatten_parameters()
 
 
-def test_keyword_construction_device_dtype():
-    model = rnn_ext.RNN(input_size=2, hidden_size=3, batch_first=True, device="cpu", dtype=torch.float64)
-    assert all(p.dtype == torch.float64 for p in model.parameters())
+def test_keyword_construction_device_dtype(device):
+    model = rnn_ext.RNN(input_size=2, hidden_size=3, batch_first=True, device=device, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 and p.device.type == device for p in model.parameters())
     assert model.extra_repr() == "2, 3, batch_first=True"
+    out, h_n = model(randn(4, 5, 2, device=device))
+    assert out.device.type == h_n.device.type == device
 
 
-def test_init_is_uniform_in_bound():
+def test_init_is_uniform_in_bound(device):
     torch.manual_seed(0)
     hidden = 16
-    model = rnn_ext.RNN(8, hidden, num_layers=2)
+    model = rnn_ext.RNN(8, hidden, num_layers=2, device=device)
     bound = 1 / hidden**0.5
     for p in model.parameters():
         assert p.abs().max() <= bound
         assert p.abs().max() > 0.8 * bound  # spread over the range, not a constant
 
 
-def test_state_dict_round_trip_both_ways():
+def test_state_dict_round_trip_both_ways(device):
     torch.manual_seed(0)
-    theirs = nn.RNN(3, 4, num_layers=2, bidirectional=True)
-    ours = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True)
+    theirs = nn.RNN(3, 4, num_layers=2, bidirectional=True).to(device)
+    ours = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True).to(device)
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(5, 2, 3)
+    x = randn(5, 2, 3, dtype=torch.float32, device=device)
     torch.testing.assert_close(ours(x), theirs(x))
-    back = nn.RNN(3, 4, num_layers=2, bidirectional=True)
+    back = nn.RNN(3, 4, num_layers=2, bidirectional=True).to(device)
     back.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(back(x), theirs(x))
 
 
-def test_module_moves_and_converts():
-    model = rnn_ext.RNN(3, 4).double()
-    x = torch.randn(2, 1, 3, dtype=torch.float64)
+def test_module_moves_and_converts(device):
+    model = rnn_ext.RNN(3, 4).to(device).double()
+    x = randn(2, 1, 3, device=device)
     out, _ = model(x)
-    assert out.dtype == torch.float64
+    assert out.dtype == torch.float64 and out.device.type == device
 
 
 # -- input forms -------------------------------------------------------------------------------
@@ -151,11 +155,11 @@ def test_module_moves_and_converts():
 
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_hx", [False, True])
-def test_unbatched_input(batch_first, with_hx):
+def test_unbatched_input(batch_first, with_hx, device):
     torch.manual_seed(3)
-    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first)
-    x = torch.randn(5, 3, dtype=torch.float64)
-    hx = torch.randn(4, 4, dtype=torch.float64) if with_hx else None
+    ours, theirs = make_pair(3, 4, device=device, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = randn(5, 3, device=device)
+    hx = randn(4, 4, device=device) if with_hx else None
     args = (x, hx) if with_hx else (x,)
     out, h_n = ours(*args)
     ref_out, ref_h_n = theirs(*args)
@@ -164,19 +168,21 @@ def test_unbatched_input(batch_first, with_hx):
     torch.testing.assert_close((out, h_n), (ref_out, ref_h_n))
 
 
-def test_non_contiguous_input_and_hx():
+def test_non_contiguous_input_and_hx(device):
     torch.manual_seed(4)
-    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True, batch_first=True)
-    x = torch.randn(3, 6, 5, dtype=torch.float64)[:, ::2, 1:4].requires_grad_()  # [3, 3, 3] strided
-    hx = torch.randn(3, 4, 4, dtype=torch.float64).transpose(0, 1).requires_grad_()  # [4, 3, 4]
+    ours, theirs = make_pair(3, 4, device=device, num_layers=2, bidirectional=True, batch_first=True)
+    x = randn(3, 6, 5, device=device)[:, ::2, 1:4].requires_grad_()  # [3, 3, 3] strided
+    hx = randn(3, 4, 4, device=device).transpose(0, 1).requires_grad_()  # [4, 3, 4]
     assert not x.is_contiguous() and not hx.is_contiguous()
-    g, gh = torch.randn(3, 3, 8, dtype=torch.float64), torch.randn(4, 3, 4, dtype=torch.float64)
-    assert_all_close(outputs_and_grads(ours, x, hx, g, gh), outputs_and_grads(theirs, x, hx, g, gh))
+    g, gh = randn(3, 3, 8, device=device), randn(4, 3, 4, device=device)
+    # nn.RNN gets hx made contiguous (the same values, and the same gradient): cuDNN refuses a
+    # non-contiguous hx.
+    assert_all_close(outputs_and_grads(ours, x, hx, g, gh), outputs_and_grads(theirs, x, hx.contiguous(), g, gh))
 
 
-def test_empty_batch():
-    ours, theirs = make_pair(3, 4, num_layers=2, bidirectional=True)
-    x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
+def test_empty_batch(device):
+    ours, theirs = make_pair(3, 4, device=device, num_layers=2, bidirectional=True)
+    x = randn(5, 0, 3, device=device, requires_grad=True)
     out, h_n = ours(x)
     ref_out, ref_h_n = theirs(x)
     assert out.shape == ref_out.shape and h_n.shape == ref_h_n.shape
@@ -184,11 +190,11 @@ def test_empty_batch():
     assert x.grad.shape == x.shape
 
 
-def test_sequence_length_one():
+def test_sequence_length_one(device):
     torch.manual_seed(5)
-    ours, theirs = make_pair(3, 4, num_layers=3, bidirectional=True)
-    x = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
-    g, gh = torch.randn(1, 2, 8, dtype=torch.float64), torch.randn(6, 2, 4, dtype=torch.float64)
+    ours, theirs = make_pair(3, 4, device=device, num_layers=3, bidirectional=True)
+    x = randn(1, 2, 3, device=device, requires_grad=True)
+    g, gh = randn(1, 2, 8, device=device), randn(6, 2, 4, device=device)
     assert_all_close(outputs_and_grads(ours, x, None, g, gh), outputs_and_grads(theirs, x, None, g, gh))
 
 

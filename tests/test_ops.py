@@ -3,16 +3,18 @@ import pytest
 import torch
 
 import rnn_ext
+from reference import randn
 from rnn_ext import ops
 
 
 def layer_sample(*, batch_sizes=None, directions=1, bias=True, relu=False, input_size=3, hidden=4, seq_len=4,
-                 batch=3, dtype=torch.float64, requires_grad=False, seed=0):
-    """Arguments of rnn_layer: (input [N, I], hx [D, B, H], weights, batch_sizes, relu)."""
+                 batch=3, dtype=torch.float64, requires_grad=False, seed=0, device="cpu"):
+    """Arguments of rnn_layer: (input [N, I], hx [D, B, H], weights, batch_sizes, relu), drawn on the
+    CPU and moved to device (batch_sizes stays on the CPU)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5).requires_grad_(requires_grad)
+        return (torch.rand(*shape, generator=g, dtype=dtype) - 0.5).to(device).requires_grad_(requires_grad)
 
     if batch_sizes is not None:
         batch_sizes = torch.tensor(batch_sizes, dtype=torch.int64)
@@ -27,21 +29,38 @@ def layer_sample(*, batch_sizes=None, directions=1, bias=True, relu=False, input
     return rand(rows, input_size), rand(directions, batch, hidden), weights, batch_sizes, relu
 
 
-SAMPLES = {
+# Every combination of dense/packed, one/two directions, bias or not and tanh/relu, then the
+# edge cases: one step, no step.
+PACKED = {"batch_sizes": [3, 3, 2, 1]}
+PACKED_BIDIR = {"batch_sizes": [3, 2, 2, 1, 1], "directions": 2}
+COMBINATIONS = {
     "dense": {},
-    "dense-bidir": {"directions": 2},
+    "dense-relu": {"relu": True},
+    "dense-nobias": {"bias": False},
     "dense-nobias-relu": {"bias": False, "relu": True},
+    "dense-bidir": {"directions": 2},
+    "dense-bidir-relu": {"directions": 2, "relu": True},
+    "dense-bidir-nobias": {"directions": 2, "bias": False},
+    "dense-bidir-nobias-relu": {"directions": 2, "bias": False, "relu": True},
+    "packed": PACKED,
+    "packed-relu": PACKED | {"relu": True},
+    "packed-nobias": PACKED | {"bias": False},
+    "packed-nobias-relu": PACKED | {"bias": False, "relu": True},
+    "packed-bidir": PACKED_BIDIR,
+    "packed-bidir-relu": PACKED_BIDIR | {"relu": True},
+    "packed-bidir-nobias": PACKED_BIDIR | {"bias": False},
+    "packed-bidir-nobias-relu": {"batch_sizes": [2, 2, 1], "directions": 2, "relu": True, "bias": False},
+}
+SAMPLES = COMBINATIONS | {
     "dense-one-step-bidir": {"seq_len": 1, "directions": 2},
+    "dense-no-steps": {"seq_len": 0},
     "dense-no-steps-bidir": {"seq_len": 0, "directions": 2},
-    "packed": {"batch_sizes": [3, 3, 2, 1]},
-    "packed-bidir": {"batch_sizes": [3, 2, 2, 1, 1], "directions": 2},
-    "packed-bidir-relu-nobias": {"batch_sizes": [2, 2, 1], "directions": 2, "relu": True, "bias": False},
 }
 
 
 @pytest.mark.parametrize("name", SAMPLES)
-def test_gradcheck_op(name):
-    input, hx, weights, batch_sizes, relu = layer_sample(requires_grad=True, **SAMPLES[name])
+def test_gradcheck_op(name, device):
+    input, hx, weights, batch_sizes, relu = layer_sample(requires_grad=True, device=device, **SAMPLES[name])
 
     def run(input, hx, *weights):
         return ops.run_layer(input, hx, weights, batch_sizes, relu)
@@ -51,41 +70,62 @@ def test_gradcheck_op(name):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("name", SAMPLES)
-def test_opcheck_forward(name, requires_grad):
-    args = ops.layer_args(*layer_sample(requires_grad=requires_grad, **SAMPLES[name]))
+def test_opcheck_forward(name, requires_grad, device):
+    args = ops.layer_args(*layer_sample(requires_grad=requires_grad, device=device, **SAMPLES[name]))
     torch.library.opcheck(torch.ops.rnn_ext.rnn_layer.default, args)
 
 
-@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, False)])
-@pytest.mark.parametrize("name", ["dense-bidir", "packed-bidir"])
-def test_opcheck_backward(name, mask):
-    input, hx, weights, batch_sizes, relu = layer_sample(**SAMPLES[name])
+def random_like(t):
+    """Random numbers of t's shape, dtype and device, drawn on the CPU."""
+    return randn(*t.shape, dtype=t.dtype, device=t.device)
+
+
+@pytest.mark.parametrize(
+    "mask", [(True, True, True), (False, True, True), (True, False, False), (False, True, False), (True, False, True)]
+)
+@pytest.mark.parametrize("name", COMBINATIONS)
+def test_opcheck_backward(name, mask, device):
+    input, hx, weights, batch_sizes, relu = layer_sample(device=device, **SAMPLES[name])
     output, h_n = ops.run_layer(input, hx, weights, batch_sizes, relu)
-    args = (torch.randn_like(output), torch.randn_like(h_n), input, hx, weights, batch_sizes, relu, output, list(mask))
+    args = (random_like(output), random_like(h_n), input, hx, weights, batch_sizes, relu, output, list(mask))
     torch.library.opcheck(torch.ops.rnn_ext.rnn_layer_backward.default, args)
 
 
-def test_backward_mask_skips_work_but_keeps_values():
-    input, hx, weights, batch_sizes, relu = layer_sample(directions=2)
+def test_backward_mask_skips_work_but_keeps_values(device):
+    input, hx, weights, batch_sizes, relu = layer_sample(directions=2, device=device)
     output, h_n = ops.run_layer(input, hx, weights, batch_sizes, relu)
-    grads = (torch.randn_like(output), torch.randn_like(h_n))
+    grads = (random_like(output), random_like(h_n))
     full = ops.rnn_layer_backward(*grads, input, hx, weights, batch_sizes, relu, output, [True, True, True])
     only_hx = ops.rnn_layer_backward(*grads, input, hx, weights, batch_sizes, relu, output, [False, True, False])
     assert only_hx[0].numel() == 0 and len(only_hx[2]) == 0
     torch.testing.assert_close(only_hx[1], full[1])
 
 
-def make_model_and_input(batch_first=True):
+@pytest.mark.parametrize("directions", [1, 2])
+def test_no_step_forward_returns_contiguous_h_n(directions, device):
+    """No input rows: h_n is hx, in memory of its own and contiguous even when hx is a strided view."""
+    input, _, weights, _, relu = layer_sample(seq_len=0, directions=directions, device=device)
+    hx = randn(directions, 4, 3, device=device).transpose(1, 2)  # [D, B, H], transposed strides
+    assert not hx.is_contiguous()
+    output, h_n = ops.run_layer(input, hx, weights, None, relu)
+    assert output.shape == (0, directions * 4)
+    assert h_n.is_contiguous() and h_n.data_ptr() != hx.data_ptr()
+    torch.testing.assert_close(h_n, hx, rtol=0, atol=0)
+
+
+def make_model_and_input(batch_first=True, bidirectional=True, device="cpu"):
+    """A float32 2-layer model on device, batch_first input [2, 6, 3] and hx, drawn on the CPU."""
     torch.manual_seed(0)
-    model = rnn_ext.RNN(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first)
-    x = torch.randn(2, 6, 3, requires_grad=True)
-    hx = torch.randn(4, 2, 5, requires_grad=True)
+    model = rnn_ext.RNN(3, 5, num_layers=2, bidirectional=bidirectional, batch_first=batch_first).to(device)
+    x = randn(2, 6, 3, dtype=torch.float32, device=device, requires_grad=True)
+    hx = randn(2 * (2 if bidirectional else 1), 2, 5, dtype=torch.float32, device=device, requires_grad=True)
     return model, x, hx
 
 
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "unidir"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph_matches_eager(backend):
-    model, x, hx = make_model_and_input()
+def test_torch_compile_fullgraph_matches_eager(backend, bidirectional, device):
+    model, x, hx = make_model_and_input(bidirectional=bidirectional, device=device)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     out, h_n = compiled(x, hx)
     ref_out, ref_h_n = model(x, hx)
@@ -105,16 +145,16 @@ def test_nn_rnn_cannot_compile_fullgraph_but_we_can():
         torch.compile(model, fullgraph=True, backend="eager")(x)
 
 
-def test_torch_export():
-    model, x, hx = make_model_and_input()
+def test_torch_export(device):
+    model, x, hx = make_model_and_input(device=device)
     exported = torch.export.export(model, (x.detach(), hx.detach()))
     out, h_n = exported.module()(x.detach(), hx.detach())
     torch.testing.assert_close((out, h_n), model(x, hx))
     assert any("rnn_ext.rnn_layer" in str(node.target) for node in exported.graph.nodes)
 
 
-def test_op_rejects_bad_arguments():
-    input, hx, weights, batch_sizes, relu = layer_sample()
+def test_op_rejects_bad_arguments(device):
+    input, hx, weights, batch_sizes, relu = layer_sample(device=device)
     with pytest.raises(RuntimeError, match="input must be 2-D"):
         ops.run_layer(input[None], hx, weights, batch_sizes, relu)
     with pytest.raises(RuntimeError, match="hx must have the input's dtype"):

@@ -1,10 +1,10 @@
-"""Property-based parity with nn.RNN over drawn configurations, dense and packed."""
+"""Property-based parity with nn.RNN over drawn configurations, dense and packed, on every device."""
 import torch
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from reference import assert_parity, make_pair
+from reference import assert_parity, make_pair, randn
 
 
 @st.composite
@@ -28,18 +28,20 @@ def configurations(draw):
     )
 
 
+# The device fixture is the same for every example of a test run, so it may be function-scoped.
+@settings(suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture])
 @given(configurations())
-def test_parity_with_nn_rnn(config):
+def test_parity_with_nn_rnn(device, config):
     torch.manual_seed(config["seed"])
     dtype, batch, seq_len = config["dtype"], config["batch"], config["lengths_max"]
     module_kwargs = {k: config[k] for k in ("num_layers", "bidirectional", "nonlinearity", "bias", "batch_first")}
-    ours, theirs = make_pair(config["input_size"], config["hidden_size"], dtype=dtype, **module_kwargs)
+    ours, theirs = make_pair(config["input_size"], config["hidden_size"], dtype=dtype, device=device, **module_kwargs)
     directions = 2 if config["bidirectional"] else 1
     state_shape = (config["num_layers"] * directions, batch, config["hidden_size"])
-    hx = torch.randn(state_shape, dtype=dtype, requires_grad=True) if config["with_hx"] else None
+    hx = randn(*state_shape, dtype=dtype, device=device, requires_grad=True) if config["with_hx"] else None
 
     shape = (batch, seq_len, config["input_size"]) if config["batch_first"] else (seq_len, batch, config["input_size"])
-    x = torch.randn(shape, dtype=dtype)
+    x = randn(*shape, dtype=dtype, device=device)
     if config["packed"]:
         lengths = torch.randint(1, seq_len + 1, (batch,))
         if config["enforce_sorted"]:
@@ -51,8 +53,8 @@ def test_parity_with_nn_rnn(config):
     else:
         x.requires_grad_()
         out_shape = shape[:2] + (directions * config["hidden_size"],)
-    grad_output = torch.randn(out_shape, dtype=dtype)
-    grad_h_n = torch.randn(state_shape, dtype=dtype)
+    grad_output = randn(*out_shape, dtype=dtype, device=device)
+    grad_h_n = randn(*state_shape, dtype=dtype, device=device)
 
     assert_parity(ours, theirs, x, hx, grad_output, grad_h_n)
 

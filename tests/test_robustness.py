@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rnn_ext
-from reference import make_pair
+from reference import make_pair, randn
 
 
 def forward_backward(model, x, hx):
@@ -16,12 +16,12 @@ def forward_backward(model, x, hx):
 
 
 @pytest.mark.parametrize("shape", [(3, 20, 8, 16), (64, 30, 64, 256)], ids=["small-kernel", "blas-path"])
-def test_bitwise_deterministic(shape):
+def test_bitwise_deterministic(shape, device):
     batch, seq_len, input_size, hidden = shape
     torch.manual_seed(0)
-    model = rnn_ext.RNN(input_size, hidden, num_layers=2, bidirectional=True)
-    x = torch.randn(seq_len, batch, input_size, requires_grad=True)
-    hx = torch.randn(4, batch, hidden, requires_grad=True)
+    model = rnn_ext.RNN(input_size, hidden, num_layers=2, bidirectional=True).to(device)
+    x = randn(seq_len, batch, input_size, dtype=torch.float32, device=device, requires_grad=True)
+    hx = randn(4, batch, hidden, dtype=torch.float32, device=device, requires_grad=True)
     first = forward_backward(model, x, hx)
     for _ in range(3):
         again = forward_backward(model, x, hx)
@@ -87,10 +87,10 @@ def test_memory_stays_flat_over_1000_iterations():
     assert growth < 0.01, f"resident memory grew {growth:.2%} over 1000 iterations"
 
 
-def test_saved_state_is_input_hx_and_output_only():
+def test_saved_state_is_input_hx_and_output_only(device):
     """Backward keeps O(L*B*H) per layer: the layer's input, hx, weights and its output."""
-    model = rnn_ext.RNN(5, 7)
-    x = torch.randn(11, 3, 5, requires_grad=True)
+    model = rnn_ext.RNN(5, 7, device=device)
+    x = randn(11, 3, 5, dtype=torch.float32, device=device, requires_grad=True)
     saved = []
 
     def pack(t):
@@ -119,10 +119,10 @@ def test_long_sequence_100k_steps():
     assert torch.isfinite(x.grad).all() and torch.isfinite(model.weight_hh_l0.grad).all()
 
 
-def test_long_sequence_matches_nn_rnn_on_a_prefix():
+def test_long_sequence_matches_nn_rnn_on_a_prefix(device):
     torch.manual_seed(4)
-    ours, theirs = make_pair(4, 8, dtype=torch.float64)
-    x = torch.randn(5000, 1, 4, dtype=torch.float64)
+    ours, theirs = make_pair(4, 8, dtype=torch.float64, device=device)
+    x = randn(5000, 1, 4, device=device)
     torch.testing.assert_close(ours(x), theirs(x))
 
 
