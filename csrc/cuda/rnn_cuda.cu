@@ -127,16 +127,16 @@ __global__ void backward_step_kernel(
 // ---------------------------------------------------------------------------------------------
 // cuBLAS
 
-template <typename T>
+template <typename scalar_t>
 constexpr cudaDataType_t cublas_type() {
-  if constexpr (std::is_same_v<T, double>) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
     return CUDA_R_64F;
-  } else if constexpr (std::is_same_v<T, float>) {
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
     return CUDA_R_32F;
-  } else if constexpr (std::is_same_v<T, at::Half>) {
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
     return CUDA_R_16F;
   } else {
-    static_assert(std::is_same_v<T, at::BFloat16>, "rnn_ext: no cuBLAS type for this dtype");
+    static_assert(std::is_same_v<scalar_t, at::BFloat16>, "rnn_ext: no cuBLAS type for this dtype");
     return CUDA_R_16BF;
   }
 }
