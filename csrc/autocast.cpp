@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autocast(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
     const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
-    const std::optional<at::Tensor>& batch_sizes, bool relu) {
+    const std::optional<at::Tensor>& batch_sizes, bool relu, const std::optional<at::Tensor>& lengths) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const auto dtype = at::autocast::get_autocast_dtype(device);
   const auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, device); };
@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autocast(
                              .typed<decltype(rnn_layer_autocast<device, autocast_key>)>();
   return op.call(
       cast(input), cast(hx), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_ih_reverse),
-      cast(w_hh_reverse), cast(b_ih_reverse), cast(b_hh_reverse), batch_sizes, relu);
+      cast(w_hh_reverse), cast(b_ih_reverse), cast(b_hh_reverse), batch_sizes, relu, lengths);
 }
 
 }  // namespace

@@ -21,25 +21,27 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// rnn_layer's arguments, by index: input, hx, the kWeightSlots weight slots (rnn.h), batch_sizes, relu.
+// rnn_layer's arguments, by index: input, hx, the kWeightSlots weight slots (rnn.h), batch_sizes,
+// relu, lengths.
 constexpr int kInputArg = 0;
 constexpr int kHxArg = 1;
 constexpr int kFirstWeightArg = 2;
-constexpr int kArgs = kFirstWeightArg + kWeightSlots + 2;
+constexpr int kArgs = kFirstWeightArg + kWeightSlots + 3;
 
-// What forward saves, by index: input, hx, output, batch_sizes (undefined when dense), then the
-// weight slots (undefined where absent).
+// What forward saves, by index: input, hx, output, batch_sizes and lengths (undefined when not
+// given), then the weight slots (undefined where absent).
 constexpr size_t kSavedInput = 0;
 constexpr size_t kSavedHx = 1;
 constexpr size_t kSavedOutput = 2;
 constexpr size_t kSavedBatchSizes = 3;
-constexpr size_t kSavedFirstWeight = 4;
+constexpr size_t kSavedLengths = 4;
+constexpr size_t kSavedFirstWeight = 5;
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, bool)>&
+    const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>&
 layer_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rnn_ext::rnn_layer", "")
@@ -48,20 +50,20 @@ layer_op() {
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&, bool)>();
+                                 const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
   return op;
 }
 
 const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-    const std::optional<at::Tensor>&, bool, const at::Tensor&, std::array<bool, 3>)>&
+    const std::optional<at::Tensor>&, bool, const at::Tensor&, std::array<bool, 3>, const std::optional<at::Tensor>&)>&
 backward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("rnn_ext::rnn_layer_backward", "")
                              .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  at::TensorList, const std::optional<at::Tensor>&, bool, const at::Tensor&,
-                                 std::array<bool, 3>)>();
+                                 std::array<bool, 3>, const std::optional<at::Tensor>&)>();
   return op;
 }
 
@@ -72,40 +74,58 @@ std::optional<at::Tensor> as_optional(const at::Tensor& t) {
 using OptionalTensor = std::optional<at::Tensor>;
 
 // rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h), walking
-// time through the same StepSchedule as the kernels.
+// time through the same StepSchedule as the kernels. A padded batch runs on its real rows only,
+// gathered in step order, and its output is scattered back into the padded layout; its states
+// (hx, h_n) are taken in the schedule's row order and put back.
 std::tuple<at::Tensor, at::Tensor> composite_layer(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
-    const std::optional<at::Tensor>& batch_sizes, bool relu) {
-  const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes);
-  if (runs_no_step(s)) {
+    const std::optional<at::Tensor>& batch_sizes, bool relu, const std::optional<at::Tensor>& lengths) {
+  const LayerSizes s = check_layer_args(input, hx, weights, batch_sizes, lengths);
+  const StepSchedule steps(batch_sizes, lengths, s.N, s.B);
+  if (runs_no_step(steps)) {
     return no_step_forward(input, hx, s);
   }
-  const StepSchedule steps(batch_sizes, s.N, s.B);
+  const auto owned = steps.padded() ? row_index(steps.step_rows()).to(input.device()) : at::Tensor();
+  const auto x = steps.padded() ? input.index_select(0, owned) : input;  // [rows the steps own, I]
   const auto act = [relu](const at::Tensor& z) { return relu ? at::relu(z) : at::tanh(z); };
+  at::Tensor order;  // [B]: the batch row at each of the schedule's row positions; undefined: in place
+  if (steps.order() != nullptr) {
+    order = at::tensor(at::IntArrayRef(steps.order(), s.B), at::TensorOptions().dtype(at::kLong)).to(input.device());
+  }
+  const auto hx_in_order = order.defined() ? hx.index_select(1, order) : hx;
   std::vector<at::Tensor> outputs, h_n;
   for (int64_t d = 0; d < s.D; ++d) {
     const auto w = direction_weights(weights, d, s.has_bias);
-    auto projection = at::matmul(input, w.w_ih.t());
+    auto projection = at::matmul(x, w.w_ih.t());
     if (s.has_bias) projection = projection + w.b_ih + w.b_hh;
-    const auto h0 = hx.select(0, d);
+    const auto h0 = hx_in_order.select(0, d);
     std::vector<at::Tensor> states(steps.steps());     // [size(t), H] per step
+    std::vector<int64_t> first_row(steps.steps() + 1, 0);  // of step t in x: the rows of steps before it
+    for (int64_t t = 0; t < steps.steps(); ++t) first_row[t + 1] = first_row[t] + steps.size(t);
     std::vector<std::pair<int64_t, at::Tensor>> last;  // (first row, the states of rows ending at a step)
     steps.walk(d == 1, Pass::kForward, [&](const Step& now) {
       std::vector<at::Tensor> start;  // the state each row of this step starts from
       if (now.carried > 0) start.push_back(states[now.previous].narrow(0, 0, now.carried));
       if (now.carried < now.rows) start.push_back(h0.narrow(0, now.carried, now.rows - now.carried));
       const auto h_prev = start.size() == 1 ? start[0] : at::cat(start, 0);
-      const auto h = act(projection.narrow(0, now.offset, now.rows) + at::matmul(h_prev, w.w_hh.t()));
+      const auto h = act(projection.narrow(0, first_row[now.t], now.rows) + at::matmul(h_prev, w.w_hh.t()));
       states[now.t] = h;
       if (now.continuing < now.rows) last.emplace_back(now.continuing, h.narrow(0, now.continuing, now.rows - now.continuing));
     });
+    if (steps.started() < s.B) last.emplace_back(steps.started(), h0.narrow(0, steps.started(), s.B - steps.started()));
     std::sort(last.begin(), last.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     std::vector<at::Tensor> last_states;
     for (const auto& [row, state] : last) last_states.push_back(state);
     outputs.push_back(at::cat(states, 0));
     h_n.push_back(last_states.size() == 1 ? last_states[0] : at::cat(last_states, 0));
   }
-  return {at::cat(outputs, 1), at::stack(h_n, 0)};
+  auto output = at::cat(outputs, 1);  // [rows the steps own, D*H]
+  if (steps.padded()) {
+    output = at::zeros({s.N, s.D * s.H}, output.options()).index_put({owned}, output);
+  }
+  auto last_states = at::stack(h_n, 0);  // [D, B, H] in the schedule's row order
+  if (order.defined()) last_states = last_states.index_select(1, at::argsort(order));
+  return {output, last_states};
 }
 
 class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
@@ -114,15 +134,16 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
       AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
       const at::Tensor& w_hh, const OptionalTensor& b_ih, const OptionalTensor& b_hh,
       const OptionalTensor& w_ih_reverse, const OptionalTensor& w_hh_reverse, const OptionalTensor& b_ih_reverse,
-      const OptionalTensor& b_hh_reverse, const OptionalTensor& batch_sizes, bool relu) {
+      const OptionalTensor& b_hh_reverse, const OptionalTensor& batch_sizes, bool relu, const OptionalTensor& lengths) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, h_n] = layer_op().call(
-        input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu);
+        input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu,
+        lengths);
     const auto or_undefined = [](const OptionalTensor& t) { return t.value_or(at::Tensor()); };
     // In the kSaved* order. Absent optional weights are saved as undefined tensors, and take no
     // autograd edge.
     ctx->save_for_backward(
-        {input, hx, output, or_undefined(batch_sizes), w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh),
+        {input, hx, output, or_undefined(batch_sizes), or_undefined(lengths), w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh),
          or_undefined(w_ih_reverse), or_undefined(w_hh_reverse), or_undefined(b_ih_reverse),
          or_undefined(b_hh_reverse)});
     ctx->saved_data["relu"] = relu;
@@ -136,6 +157,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     const at::Tensor& hx = saved[kSavedHx];
     const at::Tensor& output = saved[kSavedOutput];
     const at::Tensor& batch_sizes = saved[kSavedBatchSizes];
+    const at::Tensor& lengths = saved[kSavedLengths];
     // needs_input_grad counts autograd edges, which only present tensors have: input, hx, then
     // the present weights in argument order.
     std::vector<at::Tensor> weights;
@@ -154,12 +176,13 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     const std::array<bool, 3> mask{ctx->needs_input_grad(kInputArg), ctx->needs_input_grad(kHxArg), need_weights};
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      return differentiable_backward(grads, input, hx, weights, weight_arg, weight_needed, batch_sizes, relu, mask);
+      return differentiable_backward(
+          grads, input, hx, weights, weight_arg, weight_needed, batch_sizes, lengths, relu, mask);
     }
-    auto [grad_input, grad_hx, grad_weights] =
-        backward_op().call(grads[0], grads[1], input, hx, weights, as_optional(batch_sizes), relu, output, mask);
+    auto [grad_input, grad_hx, grad_weights] = backward_op().call(
+        grads[0], grads[1], input, hx, weights, as_optional(batch_sizes), relu, output, mask, as_optional(lengths));
 
-    variable_list result(kArgs);  // batch_sizes and relu get none
+    variable_list result(kArgs);  // batch_sizes, relu and lengths get none
     if (mask[0]) result[kInputArg] = grad_input;
     if (mask[1]) result[kHxArg] = grad_hx;
     for (size_t k = 0; need_weights && k < weights.size(); ++k) {
@@ -173,7 +196,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
   static variable_list differentiable_backward(
       const variable_list& grads, const at::Tensor& input, const at::Tensor& hx, const std::vector<at::Tensor>& weights,
       const std::vector<int>& weight_arg, const std::vector<bool>& weight_needed, const at::Tensor& batch_sizes,
-      bool relu, const std::array<bool, 3>& mask) {
+      const at::Tensor& lengths, bool relu, const std::array<bool, 3>& mask) {
     std::vector<at::Tensor> wrt;
     std::vector<int> wrt_arg;  // forward argument index of each tensor in wrt
     if (mask[0]) wrt.push_back(input), wrt_arg.push_back(kInputArg);
@@ -183,7 +206,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     }
     variable_list result(kArgs);
     if (wrt.empty()) return result;
-    auto [output, h_n] = composite_layer(input, hx, weights, as_optional(batch_sizes), relu);
+    auto [output, h_n] = composite_layer(input, hx, weights, as_optional(batch_sizes), relu, as_optional(lengths));
     const auto grad_output = grads[0].defined() ? grads[0] : at::zeros_like(output);
     const auto grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h_n);
     const auto wrt_grads = torch::autograd::grad(
@@ -198,9 +221,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autograd(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptionalTensor& b_ih, const OptionalTensor& b_hh, const OptionalTensor& w_ih_reverse,
     const OptionalTensor& w_hh_reverse, const OptionalTensor& b_ih_reverse, const OptionalTensor& b_hh_reverse,
-    const OptionalTensor& batch_sizes, bool relu) {
+    const OptionalTensor& batch_sizes, bool relu, const OptionalTensor& lengths) {
   const auto result = RnnLayerFunction::apply(
-      input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu);
+      input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu,
+      lengths);
   return {result[0], result[1]};
 }
 

@@ -6,6 +6,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <numeric>
+
 // Importing rnn_ext._C runs the static registrations below; no Python bindings are needed.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -15,18 +18,19 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(rnn_ext, m) {
   // One layer, all of its directions (shapes in rnn.h). relu selects the activation (else tanh).
   // The reverse direction's weights are given for a bidirectional layer (hx.size(0) == 2), the
-  // biases when the layer has them. Returns (output [N, D*H], h_n [D, B, H]).
+  // biases when the layer has them. batch_sizes makes the batch packed, lengths padded (at most
+  // one of them). Returns (output [N, D*H], h_n [D, B, H]).
   m.def(
       "rnn_layer(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
       "Tensor? w_ih_reverse, Tensor? w_hh_reverse, Tensor? b_ih_reverse, Tensor? b_hh_reverse, "
-      "Tensor? batch_sizes, bool relu) -> (Tensor, Tensor)");
+      "Tensor? batch_sizes, bool relu, Tensor? lengths=None) -> (Tensor, Tensor)");
   // Gradients of rnn_layer from its saved input, hx, weights (nn.RNN's flat list) and output.
   // output_mask says which of (grad_input, grad_hx, grad_weights) to compute; a skipped one is
   // returned empty (shape [0], or an empty list).
   m.def(
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
-      "Tensor[] weights, Tensor? batch_sizes, bool relu, Tensor output, bool[3] output_mask) "
-      "-> (Tensor, Tensor, Tensor[])");
+      "Tensor[] weights, Tensor? batch_sizes, bool relu, Tensor output, bool[3] output_mask, "
+      "Tensor? lengths=None) -> (Tensor, Tensor, Tensor[])");
   // The instruction set of the CPU kernels (RNN_EXT_CPU_ISA can lower it), for tests and reports.
   m.def("cpu_isa() -> str", &rnn_ext::cpu::cpu_isa);
 }
@@ -72,29 +76,93 @@ void check_batch_sizes(const at::Tensor& batch_sizes, int64_t N, int64_t B) {
       total == N, "rnn_ext: sum(batch_sizes) must equal the number of input rows (", N, "), got ", total);
 }
 
+// lengths: see rnn.h. N == T*B, so T = N / B.
+void check_lengths(const at::Tensor& lengths, const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B) {
+  TORCH_CHECK(!batch_sizes.has_value(), "rnn_ext: a batch is either packed (batch_sizes) or padded (lengths), not both");
+  TORCH_CHECK(
+      lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.dim() == 1,
+      "rnn_ext: lengths must be a 1-D int64 CPU tensor, got ", lengths.dim(), "-D ", lengths.scalar_type(), " on ",
+      lengths.device());
+  TORCH_CHECK(
+      lengths.numel() == B, "rnn_ext: lengths must hold one length per batch row (", B, "), got ", lengths.numel());
+  TORCH_CHECK(
+      B == 0 ? N == 0 : N % B == 0, "rnn_ext: padded input rows (", N, ") must be a multiple of the batch size of hx (",
+      B, ")");
+  const int64_t T = B == 0 ? 0 : N / B;
+  const auto values = lengths.contiguous();
+  const int64_t* data = values.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(
+        data[b] >= 0 && data[b] <= T, "rnn_ext: lengths must lie in [0, ", T, "] (the time steps), got lengths[", b,
+        "] = ", data[b]);
+  }
+}
+
 }  // namespace
 
-StepSchedule::StepSchedule(const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B) {
+StepSchedule::StepSchedule(
+    const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths, int64_t N, int64_t B)
+    : rows_(N), batch_(B), padded_(lengths.has_value()) {
   if (batch_sizes.has_value()) {
     const auto sizes = batch_sizes->contiguous();
     const int64_t* data = sizes.data_ptr<int64_t>();
     sizes_.assign(data, data + sizes.numel());
+  } else if (padded_) {
+    const auto values = lengths->contiguous();
+    const int64_t* length = values.data_ptr<int64_t>();
+    // Longest first (ties in batch order), so that the rows real at step t are the first size(t).
+    order_.resize(B);
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return length[a] > length[b]; });
+    const int64_t longest = B > 0 ? length[order_[0]] : 0;
+    sizes_.resize(longest);
+    int64_t rows = B;
+    for (int64_t t = 0; t < longest; ++t) {
+      while (length[order_[rows - 1]] <= t) --rows;
+      sizes_[t] = rows;
+    }
+    if (std::is_sorted(order_.begin(), order_.end())) order_.clear();
   } else if (B > 0) {
     sizes_.assign(N / B, B);
   }
   offsets_.resize(sizes_.size());
-  int64_t offset = 0;
+  gathered_offsets_.resize(sizes_.size());
   for (size_t t = 0; t < sizes_.size(); ++t) {
-    offsets_[t] = offset;
-    offset += sizes_[t];
+    gathered_offsets_[t] = gathered_rows_;
+    offsets_[t] = padded_ ? static_cast<int64_t>(t) * B : gathered_rows_;
+    gathered_rows_ += sizes_[t];
   }
+  if (padded_) {
+    step_index_.reserve(gathered_rows_);
+    padding_index_.reserve(N - gathered_rows_);
+    for (int64_t t = 0; t * B < N; ++t) {
+      const int64_t owned = t < steps() ? sizes_[t] : 0;
+      for (int64_t r = 0; r < B; ++r) {
+        (r < owned ? step_index_ : padding_index_).push_back(t * B + (order() != nullptr ? order_[r] : r));
+      }
+    }
+  }
+}
+
+at::Tensor row_index(const RowSet& rows) {
+  if (rows.index == nullptr) {
+    return at::arange(rows.count, at::TensorOptions().dtype(at::kLong));
+  }
+  return at::tensor(at::IntArrayRef(rows.index, rows.count), at::TensorOptions().dtype(at::kLong));
+}
+
+at::Tensor StepSchedule::idle_rows() const {
+  std::vector<int64_t> rows;
+  for (int64_t r = started(); r < batch_; ++r) rows.push_back(order() != nullptr ? order_[r] : r);
+  return at::tensor(rows, at::TensorOptions().dtype(at::kLong));
 }
 
 LayerSizes check_layer_args(
     const at::Tensor& input,
     const at::Tensor& hx,
     at::TensorList weights,
-    const std::optional<at::Tensor>& batch_sizes) {
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& lengths) {
   TORCH_CHECK(input.dim() == 2, "rnn_ext: input must be 2-D [rows, input_size], got ", input.dim(), "-D");
   TORCH_CHECK(
       at::isFloatingType(input.scalar_type()),
@@ -129,7 +197,9 @@ LayerSizes check_layer_args(
     }
   }
 
-  if (batch_sizes.has_value()) {
+  if (lengths.has_value()) {
+    check_lengths(*lengths, batch_sizes, s.N, s.B);
+  } else if (batch_sizes.has_value()) {
     check_batch_sizes(*batch_sizes, s.N, s.B);
   } else {
     TORCH_CHECK(
@@ -207,7 +277,7 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes) {
 }
 
 std::tuple<at::Tensor, at::Tensor> no_step_forward(const at::Tensor& input, const at::Tensor& hx, const LayerSizes& sizes) {
-  return {at::empty({0, sizes.D * sizes.H}, input.options()), hx.clone(at::MemoryFormat::Contiguous)};
+  return {at::zeros({sizes.N, sizes.D * sizes.H}, input.options()), hx.clone(at::MemoryFormat::Contiguous)};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> no_step_backward(

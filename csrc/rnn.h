@@ -1,15 +1,18 @@
 // Shared declarations of the rnn_ext ops: shapes, argument checks, time-step schedule.
 //
 // Shapes, used throughout csrc/:
-//   T  time steps         B  batch rows at step 0      N  total rows = sum(batch_sizes) (T*B when dense)
+//   T  time steps         B  batch rows (of hx)        N  total rows: T*B dense or padded, sum(batch_sizes) packed
 //   I  input features     H  hidden features           D  directions (1, or 2 when bidirectional)
 //
 //   input        [N, I]     time-major rows: step t owns rows [offset(t), offset(t) + size(t))
 //   hx           [D, B, H]
 //   weights      per direction d, in nn.RNN's order: w_ih [H, I], w_hh [H, H], then b_ih [H], b_hh [H] if biased
-//   batch_sizes  [T] int64 on the CPU, non-increasing, batch_sizes[0] == B (absent: dense, every step has B rows)
-//   output       [N, D*H]   direction d in columns [d*H, (d+1)*H)
-//   h_n          [D, B, H]
+//   batch_sizes  [T] int64 on the CPU, non-increasing, batch_sizes[0] == B: a packed batch
+//   lengths      [B] int64 on the CPU, each in [0, T], in any order: a padded batch; row b is
+//                real at steps t < lengths[b], padding after
+//                (neither given: dense, every step has B rows)
+//   output       [N, D*H]   direction d in columns [d*H, (d+1)*H); zero on padding rows
+//   h_n          [D, B, H]  each row's state after its last step; hx where a row has no step
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,6 +33,16 @@ struct LayerSizes {
 struct DirectionWeights {
   at::Tensor w_ih, w_hh, b_ih, b_hh;
 };
+
+// A set of rows of an [N, ...] layout: rows 0, 1, ..., count - 1, or index[0], ..., index[count - 1].
+struct RowSet {
+  int64_t count;
+  const int64_t* index;  // nullptr: the first count rows
+  int64_t at(int64_t r) const { return index != nullptr ? index[r] : r; }
+};
+
+// The rows of a RowSet as an int64 CPU tensor [count].
+at::Tensor row_index(const RowSet& rows);
 
 // One time step of one direction's walk, and how its rows connect to the walk's neighbouring
 // steps. Rows are this step's rows of the time-major layout, [offset, offset + rows); because
@@ -56,12 +69,33 @@ enum class Pass { kForward, kBackward };
 //   forward direction: step t continues from t - 1; rows [size(t+1), size(t)) end at t.
 //   reverse direction: step t continues from t + 1, whose size(t+1) rows carry on, and
 //                      rows [size(t+1), size(t)) start at t from hx; every row ends at t = 0.
+// Dense and packed batches have no gaps: step t's rows follow step t - 1's. A padded batch
+// (lengths) keeps all B rows of every step in the layout, offset(t) = t*B, and is walked with its
+// rows taken longest first: row r of a step (Step's row numbers, h_n's and hx's too) is batch row
+// order()[r] (row r when order() is nullptr, i.e. the rows are already sorted). Step t owns rows
+// r < size(t); the rest are padding, which no step reads or writes. steps() is the longest length,
+// and rows r >= started() have no step at all.
 class StepSchedule {
  public:
-  StepSchedule(const std::optional<at::Tensor>& batch_sizes, int64_t N, int64_t B);
+  StepSchedule(
+      const std::optional<at::Tensor>& batch_sizes, const std::optional<at::Tensor>& lengths, int64_t N, int64_t B);
   int64_t steps() const { return static_cast<int64_t>(sizes_.size()); }
   int64_t size(int64_t t) const { return sizes_[t]; }
   int64_t offset(int64_t t) const { return offsets_[t]; }
+  // Where step t's rows start, and how many rows there are, when only the rows the steps own are
+  // kept, in step order (gather_rows, step_rows); the layout itself unless padded.
+  int64_t gathered_offset(int64_t t) const { return gathered_offsets_[t]; }
+  int64_t gathered_rows() const { return gathered_rows_; }
+  bool padded() const { return padded_; }
+  const int64_t* order() const { return order_.empty() ? nullptr : order_.data(); }
+  // Rows that run at least one step (the others keep hx as their state).
+  int64_t started() const { return sizes_.empty() ? 0 : sizes_[0]; }
+
+  // The rows the steps own, in step order (step t's at gathered_offset(t)), and the padding rows.
+  RowSet step_rows() const { return {gathered_rows_, padded_ ? step_index_.data() : nullptr}; }
+  RowSet padding_rows() const { return {static_cast<int64_t>(padding_index_.size()), padding_index_.data()}; }
+  // The batch rows that run no step (a padded batch's rows of length 0): [B - started()] int64 on the CPU.
+  at::Tensor idle_rows() const;
 
   // Step t of the forward (reverse == false) or reverse direction.
   Step step(int64_t t, bool reverse) const {
@@ -86,6 +120,13 @@ class StepSchedule {
  private:
   std::vector<int64_t> sizes_;
   std::vector<int64_t> offsets_;
+  std::vector<int64_t> gathered_offsets_;
+  int64_t gathered_rows_ = 0;
+  std::vector<int64_t> order_;  // [B] of a padded batch not already sorted by length; else empty
+  std::vector<int64_t> step_index_, padding_index_;  // of a padded batch: step_rows(), padding_rows()
+  int64_t rows_;  // N
+  int64_t batch_;  // B
+  bool padded_;
 };
 
 // Checks dtypes, devices and shapes of a layer's arguments; returns its sizes.
@@ -93,7 +134,8 @@ LayerSizes check_layer_args(
     const at::Tensor& input,
     const at::Tensor& hx,
     at::TensorList weights,
-    const std::optional<at::Tensor>& batch_sizes);
+    const std::optional<at::Tensor>& batch_sizes,
+    const std::optional<at::Tensor>& lengths);
 
 // Checks grad_output [N, D*H], grad_h_n [D, B, H] and output [N, D*H] against the layer's sizes.
 void check_backward_args(
@@ -113,20 +155,21 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 // The weight gradients of a layer, as nn.RNN's flat list (each in memory of its own), from
 //   grad_z [N, D*H]  gradient of each row's pre-activation,
 //   input  [N, I],
-// and the state each row's step started from, h_prev [N, D*H]: for a packed batch, as gathered
-// by the backend's walk; for a dense one (h_prev undefined) read in place: the output B rows
-// earlier (later, in the reverse direction), or hx [D, B, H] for the walk's first step.
+// and the state each row's step started from, h_prev [N, D*H]: for a packed or padded batch, as
+// gathered by the backend's walk; for a dense one (h_prev undefined) read in place: the output
+// B rows earlier (later, in the reverse direction), or hx [D, B, H] for the walk's first step.
 // grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T h_prev per direction, grad_b = sum of grad_z rows.
+// (For a padded batch, the driver passes only the rows the steps own, gathered.)
 std::vector<at::Tensor> weight_grads(
     const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
     const at::Tensor& h_prev, const LayerSizes& sizes);
 
-// Whether a layer runs no time step (no input rows): then h_n is hx. The one test for it.
-inline bool runs_no_step(const LayerSizes& sizes) {
-  return sizes.N == 0;
+// Whether a layer runs no time step (no input rows, or every length 0): then h_n is hx. The one test for it.
+inline bool runs_no_step(const StepSchedule& steps) {
+  return steps.steps() == 0;
 }
 
-// rnn_layer's result when the layer runs no step: an empty output [0, D*H] and h_n = hx (contiguous).
+// rnn_layer's result when the layer runs no step: a zero output [N, D*H] and h_n = hx (contiguous).
 std::tuple<at::Tensor, at::Tensor> no_step_forward(const at::Tensor& input, const at::Tensor& hx, const LayerSizes& sizes);
 
 // rnn_layer_backward's result when the layer ran no step: h_n was hx, so grad_hx is grad_h_n and
@@ -148,7 +191,7 @@ std::vector<at::Tensor> flat_weights(
 
 using LayerImpl = std::tuple<at::Tensor, at::Tensor> (*)(
     const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
-    const std::optional<at::Tensor>& batch_sizes, bool relu);
+    const std::optional<at::Tensor>& batch_sizes, bool relu, const std::optional<at::Tensor>& lengths);
 
 // Adapts a list-based forward to rnn_layer's schema: m.impl("rnn_layer", &rnn_layer_entry<&impl>).
 template <LayerImpl impl>
@@ -157,10 +200,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_entry(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
     const std::optional<at::Tensor>& w_ih_reverse, const std::optional<at::Tensor>& w_hh_reverse,
     const std::optional<at::Tensor>& b_ih_reverse, const std::optional<at::Tensor>& b_hh_reverse,
-    const std::optional<at::Tensor>& batch_sizes, bool relu) {
+    const std::optional<at::Tensor>& batch_sizes, bool relu, const std::optional<at::Tensor>& lengths) {
   const auto weights =
       flat_weights(w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse);
-  return impl(input, hx, weights, batch_sizes, relu);
+  return impl(input, hx, weights, batch_sizes, relu, lengths);
 }
 
 }  // namespace rnn_ext

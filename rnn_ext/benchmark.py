@@ -17,6 +17,13 @@ table reports medians over rounds:
 With ``--packed`` each batch has lengths drawn uniformly from [1, L] (seeded) and is packed with
 ``pack_padded_sequence(enforce_sorted=False)``; rnn_ext also runs the same batch padded to all
 L steps (dense), and the table gives rnn_ext's packed/padded time ratio.
+
+With ``--lengths`` the batch is padded, with lengths drawn the same way: rnn_ext runs
+``model(x, lengths=lengths)``; nn.RNN runs the pipeline a user needs for the same result,
+``pack_padded_sequence(x, lengths, enforce_sorted=False)`` -> nn.RNN ->
+``pad_packed_sequence(total_length=L)``, timed whole; rnn_ext also runs ``x`` without lengths
+(dense), and the table gives rnn_ext's lengths/dense time ratio. ``--batch-first`` lays every
+batch out as ``[B, L, ...]``.
 """
 import argparse
 import datetime
@@ -31,7 +38,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import rnn_ext
 
@@ -86,6 +93,16 @@ SHAPE_SETS = {
         Shape(32, 200, 64, 64),
         Shape(64, 500, 128, 128),
     ),
+    "lengths": (
+        Shape(32, 200, 64, 64),
+        Shape(64, 500, 128, 128),
+        Shape(16, 1000, 32, 32),
+        Shape(128, 100, 256, 256),
+        Shape(8, 100, 64, 64),
+        Shape(256, 50, 64, 64),
+        Shape(32, 100, 128, 128, 2, True),
+        Shape(64, 200, 512, 512),
+    ),
 }
 _BOOLS = {"yes": True, "y": True, "true": True, "1": True, "no": False, "n": False, "false": False, "0": False}
 SHAPE_SYNTAX = "B,L,I,H[,layers[,bidir]] with positive integers and bidir one of yes/no/true/false/1/0"
@@ -136,9 +153,10 @@ def forward_flops(shape, tokens):
 # -- models and inputs --------------------------------------------------------------------------
 
 
-def build_models(shape, dtype, device, seed):
+def build_models(shape, dtype, device, seed, batch_first=False):
     """``(nn.RNN, rnn_ext.RNN)`` holding the same weights."""
-    kwargs = dict(num_layers=shape.num_layers, bidirectional=shape.bidirectional, dtype=dtype, device=device)
+    kwargs = dict(num_layers=shape.num_layers, bidirectional=shape.bidirectional, dtype=dtype, device=device,
+                  batch_first=batch_first)
     torch.manual_seed(seed)
     reference = torch.nn.RNN(shape.input_size, shape.hidden_size, **kwargs)
     ours = rnn_ext.RNN(shape.input_size, shape.hidden_size, **kwargs)
@@ -150,17 +168,20 @@ def build_models(shape, dtype, device, seed):
 class Batch:
     """One model input and the gradients fed to the backward pass of its outputs."""
 
-    input: object  # a [L, B, I] tensor or a PackedSequence; its data requires grad
+    input: object  # a [L, B, I] ([B, L, I] batch-first) tensor or a PackedSequence; its data requires grad
     leaf: torch.Tensor  # the tensor the input gradient is taken against
     grad_output: torch.Tensor
     grad_h_n: torch.Tensor
     tokens: int
+    lengths: torch.Tensor | None = None  # of a padded batch run with lengths (--lengths)
+    batch_first: bool = False
 
 
-def make_batches(shape, dtype, device, seed, packed):
-    """The dense batch, and with ``packed`` also the same batch packed with random lengths.
+def make_batches(shape, dtype, device, seed, variable=None, batch_first=False):
+    """The dense batch, and with ``variable`` ("packed" or "lengths") also the same batch with random
+    lengths, packed or padded.
 
-    Returns ``(dense, packed_or_None)``; packed lengths are uniform in [1, L], padding is zero.
+    Returns ``(dense, variable_or_None)``; lengths are uniform in [1, L], padding is zero.
     """
     gen = torch.Generator().manual_seed(seed)
     out_features = shape.directions * shape.hidden_size
@@ -169,31 +190,50 @@ def make_batches(shape, dtype, device, seed, packed):
     def randn(*size):
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
 
+    def layout(t):  # [L, B, ...] -> the models' layout
+        return t.transpose(0, 1).contiguous() if batch_first else t
+
     x = randn(shape.seq_len, shape.batch, shape.input_size)
     grad_h_n = randn(*h_n_shape)
-    if packed:
+    if variable is not None:
         lengths = torch.randint(1, shape.seq_len + 1, (shape.batch,), generator=gen)
         steps = torch.arange(shape.seq_len).unsqueeze(1)
         x = x * (steps < lengths).unsqueeze(2).to(device=device, dtype=dtype)
-    dense_x = x.clone().requires_grad_()
-    dense = Batch(dense_x, dense_x, randn(*x.shape[:2], out_features), grad_h_n, shape.seq_len * shape.batch)
-    if not packed:
+    dense_x = layout(x).requires_grad_()
+    grad_output = layout(randn(*x.shape[:2], out_features))
+    dense = Batch(dense_x, dense_x, grad_output, grad_h_n, shape.seq_len * shape.batch, batch_first=batch_first)
+    if variable is None:
         return dense, None
-    data, batch_sizes, sorted_indices, unsorted_indices = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    tokens = int(lengths.sum())
+    if variable == "lengths":
+        return dense, Batch(dense_x, dense_x, grad_output, grad_h_n, tokens, lengths, batch_first)
+    data, batch_sizes, sorted_indices, unsorted_indices = pack_padded_sequence(
+        layout(x), lengths, batch_first=batch_first, enforce_sorted=False
+    )
     data = data.detach().requires_grad_()
     sequence = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
-    tokens = int(lengths.sum())
-    return dense, Batch(sequence, data, randn(tokens, out_features), grad_h_n, tokens)
+    return dense, Batch(sequence, data, randn(tokens, out_features), grad_h_n, tokens, batch_first=batch_first)
 
 
-def _output_tensor(output):
-    return output.data if isinstance(output, PackedSequence) else output
+def run_model(model, batch):
+    """``(output tensor, h_n)`` of ``model`` on ``batch``. With lengths, rnn_ext.RNN takes them
+    itself; nn.RNN runs the pack -> RNN -> pad pipeline that gives the same result."""
+    if batch.lengths is None:
+        output, h_n = model(batch.input)
+        return (output.data if isinstance(output, PackedSequence) else output), h_n
+    if isinstance(model, rnn_ext.RNN):
+        return model(batch.input, lengths=batch.lengths)
+    total_length = batch.input.shape[1 if batch.batch_first else 0]
+    packed = pack_padded_sequence(batch.input, batch.lengths, batch_first=batch.batch_first, enforce_sorted=False)
+    output, h_n = model(packed)
+    output, _ = pad_packed_sequence(output, batch_first=batch.batch_first, total_length=total_length)
+    return output, h_n
 
 
 def forward_fn(model, batch):
     def run():
         with torch.no_grad():
-            return model(batch.input)
+            return run_model(model, batch)
 
     return run
 
@@ -202,8 +242,8 @@ def forward_backward_fn(model, batch):
     inputs = [batch.leaf, *model.parameters()]
 
     def run():
-        output, h_n = model(batch.input)
-        return torch.autograd.grad((_output_tensor(output), h_n), inputs, (batch.grad_output, batch.grad_h_n))
+        output, h_n = run_model(model, batch)
+        return torch.autograd.grad((output, h_n), inputs, (batch.grad_output, batch.grad_h_n))
 
     return run
 
@@ -211,8 +251,8 @@ def forward_backward_fn(model, batch):
 def max_forward_difference(reference, ours, batch):
     """Largest |difference| of output and h_n between the two models on ``batch``."""
     with torch.no_grad():
-        (ref_out, ref_h), (our_out, our_h) = reference(batch.input), ours(batch.input)
-    pairs = ((_output_tensor(ref_out), _output_tensor(our_out)), (ref_h, our_h))
+        (ref_out, ref_h), (our_out, our_h) = run_model(reference, batch), run_model(ours, batch)
+    pairs = ((ref_out, our_out), (ref_h, our_h))
     return max(float((a.float() - b.float()).abs().max()) for a, b in pairs)
 
 
@@ -302,15 +342,17 @@ FLOP_FACTOR = {"fwd": 1, "fwd_bwd": 3}
 
 @dataclass
 class Row:
-    """One shape's medians (seconds per call); ``padded`` holds rnn_ext's dense times when packed."""
+    """One shape's medians (seconds per call); ``padded`` holds rnn_ext's dense times when packed
+    or run with lengths (``variable``)."""
 
     shape: Shape
     rounds: int
     tokens: int
     reference: dict  # mode -> seconds, nn.RNN
     ours: dict  # mode -> seconds, rnn_ext
-    padded: dict | None = None  # mode -> seconds, rnn_ext on the padded batch (only with --packed)
+    padded: dict | None = None  # mode -> seconds, rnn_ext on the padded batch (only with --packed/--lengths)
     peak_gflops: float = math.nan  # this run's SGEMM GFLOP/s
+    variable: str | None = None  # "packed" or "lengths"
 
     @property
     def packed(self):
@@ -359,11 +401,12 @@ def table_columns(rows):
     for mode in MODES:
         columns += _mode_columns(mode)
     if any(row.packed for row in rows):
+        ratio = "lengths/dense" if any(row.variable == "lengths" for row in rows) else "packed/padded"
         columns.append(("fill %", lambda row: f"{100 * row.fill:.0f}" if row.packed else "-"))
         for mode in MODES:
             columns.append(
                 (
-                    f"{MODE_TITLES[mode]} packed/padded",
+                    f"{MODE_TITLES[mode]} {ratio}",
                     lambda row, mode=mode: f"{row.packed_ratio(mode):.2f}" if row.packed else "-",
                 )
             )
@@ -416,6 +459,7 @@ def run_info(args, device, peak_gflops):
         ("rnn_ext", f"{rnn_ext.__version__} (CPU kernels: {rnn_ext.cpu_isa()})"),
         ("device", str(device)),
         ("dtype", args.dtype),
+        ("layout", "batch-first [B, L, ...]" if args.batch_first else "time-major [L, B, ...]"),
         ("threads", str(torch.get_num_threads())),
         ("rounds", f"up to {args.rounds} per shape, medians; samples of at least {args.min_time * 1e3:g} ms; "
          f"shape budget {args.shape_budget:g} s"),
@@ -438,10 +482,16 @@ def write_markdown(rows, path, info):
         "speedup = nn.RNN time / rnn_ext time. GFLOP/s and % peak are rnn_ext's, counting "
         "2*(I_l*H + H*H)*tokens*D per layer for fwd and 3x that for fwd+bwd.",
     ]
-    if any(row.packed for row in rows):
+    if any(row.variable == "packed" for row in rows):
         lines.append(
             "Packed rows: lengths uniform in [1, L]; fill = real tokens / (B*L); packed/padded = rnn_ext "
             "time on the PackedSequence / rnn_ext time on the same batch padded to L steps."
+        )
+    if any(row.variable == "lengths" for row in rows):
+        lines.append(
+            "Lengths rows: lengths uniform in [1, L]; nn.RNN times are of pack_padded_sequence(enforce_sorted=False) "
+            "-> nn.RNN -> pad_packed_sequence(total_length=L), rnn_ext's of rnn_ext.RNN(x, lengths=lengths); "
+            "fill = real tokens / (B*L); lengths/dense = rnn_ext with lengths / rnn_ext on the same x without them."
         )
     with open(path, "w") as out:
         out.write("\n".join(lines) + "\n")
@@ -467,7 +517,7 @@ def plot_speedups(rows, path, title="rnn_ext.RNN vs torch.nn.RNN"):
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel("speedup (nn.RNN time / rnn_ext time)")
-    ax.set_xticks(range(len(rows)), [row.shape.label + (" packed" if row.packed else "") for row in rows],
+    ax.set_xticks(range(len(rows)), [row.shape.label + (f" {row.variable}" if row.packed else "") for row in rows],
                   rotation=30, ha="right", fontsize=8)
     ax.set_xlabel("shape B,L,I,H,layers,bidir")
     ax.set_title(title)
@@ -481,9 +531,10 @@ def plot_speedups(rows, path, title="rnn_ext.RNN vs torch.nn.RNN"):
 
 
 def benchmark_shape(shape, args, device, dtype, timer, on_round):
-    reference, ours = build_models(shape, dtype, device, args.seed)
-    dense, packed = make_batches(shape, dtype, device, args.seed, args.packed)
-    batch = packed if args.packed else dense
+    variable = "packed" if args.packed else "lengths" if args.lengths else None
+    reference, ours = build_models(shape, dtype, device, args.seed, args.batch_first)
+    dense, varied = make_batches(shape, dtype, device, args.seed, variable, args.batch_first)
+    batch = varied if variable else dense
     difference = max_forward_difference(reference, ours, batch)
     if not difference <= TOLERANCE[dtype]:
         print(f"warning: {shape.label}: rnn_ext and nn.RNN outputs differ by {difference:.3g}", file=sys.stderr)
@@ -492,12 +543,12 @@ def benchmark_shape(shape, args, device, dtype, timer, on_round):
     for mode, make in (("fwd", forward_fn), ("fwd_bwd", forward_backward_fn)):
         fns[("reference", mode)] = make(reference, batch)
         fns[("ours", mode)] = make(ours, batch)
-        if args.packed:
+        if variable:
             fns[("padded", mode)] = make(ours, dense)
     medians, rounds = time_interleaved(fns, timer, args.rounds, args.min_time, args.shape_budget, on_round)
     results = {kind: {mode: medians[kind, mode] for mode in MODES} for kind in ("reference", "ours")}
-    padded = {mode: medians["padded", mode] for mode in MODES} if args.packed else None
-    return Row(shape, rounds, batch.tokens, results["reference"], results["ours"], padded)
+    padded = {mode: medians["padded", mode] for mode in MODES} if variable else None
+    return Row(shape, rounds, batch.tokens, results["reference"], results["ours"], padded, variable=variable)
 
 
 def run_benchmark(args, shapes, device):
@@ -530,10 +581,15 @@ def build_parser():
         nargs="+",
         metavar="SHAPE",
         help=f"named sets ({', '.join(SHAPE_SETS)}) and/or shapes {SHAPE_SYNTAX}, e.g. 1,100,32,32 8,1000,256,256,2 "
-        "(default: the 'default' set, or the 'packed' set with --packed)",
+        "(default: the 'default' set, or the 'packed' / 'lengths' set with --packed / --lengths)",
     )
-    parser.add_argument("--packed", action="store_true",
-                        help="variable-length batches as PackedSequence; also times rnn_ext on the padded batch")
+    variable = parser.add_mutually_exclusive_group()
+    variable.add_argument("--packed", action="store_true",
+                          help="variable-length batches as PackedSequence; also times rnn_ext on the padded batch")
+    variable.add_argument("--lengths", action="store_true",
+                          help="variable-length padded batches: rnn_ext with lengths= against nn.RNN's "
+                          "pack -> RNN -> pad pipeline; also times rnn_ext without lengths")
+    parser.add_argument("--batch-first", action="store_true", help="batches laid out [B, L, ...]")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="(default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape (default: %(default)s)")
@@ -556,7 +612,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "rnn_ext.benchmark", *argv])
     try:
-        shapes = parse_shapes(args.shapes or ["packed" if args.packed else "default"])
+        shapes = parse_shapes(args.shapes or ["packed" if args.packed else "lengths" if args.lengths else "default"])
     except ValueError as error:
         parser.error(f"--shapes: {error}")
     if args.rounds < 1:

@@ -1,4 +1,6 @@
 """Functional entry point, for code that holds its own weights (as torch's ``_VF.rnn_tanh`` does)."""
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +16,38 @@ def uses_relu(nonlinearity):
     return _ACTIVATIONS[nonlinearity]
 
 
+def checked_lengths(lengths, batch, steps, device):
+    """``lengths`` of a padded batch as the op takes them: a 1-D int64 CPU tensor.
+
+    lengths: a 1-D integer tensor (on the CPU or on ``device``) or a list of ints, one per batch
+    row, in any order, each in [0, steps]. Anything else raises ValueError.
+    """
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"rnn_ext: lengths must hold integers, got a tensor of {lengths.dtype}")
+        if lengths.device.type != "cpu" and lengths.device != device:
+            raise ValueError(
+                f"rnn_ext: lengths must be on the CPU or on the input's device ({device}), got {lengths.device}"
+            )
+        if lengths.dim() != 1:
+            raise ValueError(f"rnn_ext: lengths must be 1-D (one length per batch row), got {lengths.dim()}-D")
+        lengths = lengths.to("cpu", torch.int64)
+    else:
+        values = list(lengths) if isinstance(lengths, (list, tuple)) else None
+        if values is None or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"rnn_ext: lengths must be a 1-D integer tensor or a list of ints, got {lengths!r}")
+        lengths = torch.tensor(values, dtype=torch.int64)
+    if lengths.numel() != batch:
+        raise ValueError(f"rnn_ext: lengths must hold one length per batch row ({batch}), got {lengths.numel()}")
+    if not torch.compiler.is_compiling() and batch > 0:  # compiled graphs leave this check to the op
+        shortest, longest = int(lengths.min()), int(lengths.max())
+        if shortest < 0 or longest > steps:
+            raise ValueError(
+                f"rnn_ext: lengths must lie in [0, {steps}] (the input's time steps), got values from {shortest} to {longest}"
+            )
+    return lengths
+
+
 def rnn(
     input,
     hx,
@@ -27,14 +61,19 @@ def rnn(
     bidirectional=False,
     batch_first=False,
     batch_sizes=None,
+    lengths=None,
 ):
     """Multi-layer Elman RNN over ``weights`` given in nn.RNN's ``_flat_weights`` order.
 
     input: ``[L, B, I]`` (``[B, L, I]`` if batch_first), or packed data ``[N, I]`` with
     ``batch_sizes`` (``[L]`` int64 on the CPU, as in a PackedSequence).
     hx: ``[num_layers * D, B, H]`` or None for zeros.
+    lengths: for padded input, each row's length (a 1-D integer tensor or a list of ints, in any
+    order, each in [0, L]): row b is real at steps t < lengths[b] and padding after.
     Returns ``(output, h_n)``: output ``[L, B, D*H]`` (``[B, L, D*H]`` if batch_first) or ``[N, D*H]``
-    when packed; h_n ``[num_layers * D, B, H]``.
+    when packed; h_n ``[num_layers * D, B, H]``. With lengths, the output is zero past each row's
+    length and h_n holds each row's state after its last step (hx for a row of length 0), as
+    nn.RNN gives on the same batch packed with ``enforce_sorted=False``.
     """
     relu = uses_relu(nonlinearity)
     directions = 2 if bidirectional else 1
@@ -56,8 +95,12 @@ def rnn(
         seq_len, batch = input.shape[0], input.shape[1]
         if seq_len == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if lengths is not None:
+            lengths = checked_lengths(lengths, batch, seq_len, input.device)
         x = input.reshape(seq_len * batch, input.shape[2])
     else:
+        if lengths is not None:
+            raise ValueError("rnn_ext: lengths= is for padded input; a packed batch has its batch_sizes")
         x = input
         batch = int(batch_sizes[0])
     hidden = weights[1].shape[-1]
@@ -74,6 +117,7 @@ def rnn(
             weights[layer * per_layer : (layer + 1) * per_layer],
             batch_sizes,
             relu,
+            lengths,
         )
         h_n.append(h_layer)
     h_n = h_n[0] if num_layers == 1 else torch.cat(h_n, 0)

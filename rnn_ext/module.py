@@ -156,7 +156,7 @@ class RNN(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _run(self, input, hx, batch_sizes):
+    def _run(self, input, hx, batch_sizes, lengths=None):
         return rnn(
             input,
             hx,
@@ -169,6 +169,7 @@ class RNN(nn.Module):
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
             batch_sizes=batch_sizes,
+            lengths=lengths,
         )
 
     def _zero_state(self, input, batch):
@@ -177,12 +178,25 @@ class RNN(nn.Module):
             self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype, device=input.device
         )
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, lengths=None):
+        """As nn.RNN's forward; ``lengths`` (optional) gives each row's length in a padded batch.
+
+        With ``lengths`` (a 1-D integer tensor on the CPU or the input's device, or a list of ints,
+        one per batch row, in any order, each in [0, L]), the result is nn.RNN's on the batch packed
+        with ``pack_padded_sequence(input, lengths, batch_first, enforce_sorted=False)`` and
+        unpacked with ``pad_packed_sequence(..., total_length=L)``: the output is zero past each
+        row's length, and h_n holds each row's state after its last step. A row of length 0 (which
+        nn.RNN cannot take) gives zero output and h_n = hx.
+        """
         if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("RNN: lengths= is for padded input; a PackedSequence already holds its lengths")
             return self._forward_packed(input, hx)
 
         if input.dim() not in (2, 3):
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+        if lengths is not None and input.dim() != 3:
+            raise ValueError("RNN: lengths= needs batched 3-D input; unbatched input is one sequence of its full length")
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if not is_batched:
@@ -199,7 +213,7 @@ class RNN(nn.Module):
             hx = self._zero_state(input, input.size(batch_dim))
         self.check_forward_args(input, hx, None)
 
-        output, h_n = self._run(input, hx, None)
+        output, h_n = self._run(input, hx, None, lengths)
         if not is_batched:
             output = output.squeeze(batch_dim)
             h_n = h_n.squeeze(1)

@@ -3,12 +3,13 @@
 ``torch.ops.rnn_ext.rnn_layer`` runs one layer (every direction) of the recurrence; shapes are
 documented in ``csrc/rnn.h``:
 
-    input        [N, I]      time-major rows (N = T*B dense, or sum(batch_sizes) packed)
+    input        [N, I]      time-major rows (N = T*B dense or padded, or sum(batch_sizes) packed)
     hx           [D, B, H]
     w_ih [H, I], w_hh [H, H], b_ih [H]?, b_hh [H]?, then the same four ``*_reverse`` when D == 2
-    batch_sizes  [T] int64 CPU tensor, or None for dense input
+    batch_sizes  [T] int64 CPU tensor (a packed batch), or None
     relu         bool (else tanh)
-    -> output    [N, D*H],   h_n [D, B, H]
+    lengths      [B] int64 CPU tensor, sorted longest first (a padded batch), or None
+    -> output    [N, D*H] (zero on padding),   h_n [D, B, H]
 
 The op takes its weights in WEIGHT_SLOTS optional slots, not as a list: its C++ autograd Function
 (csrc/autograd.cpp) then gives each present weight its own autograd edge without list handling.
@@ -29,7 +30,7 @@ WEIGHT_SLOTS = len(WEIGHT_SLOT_NAMES)  # rnn_layer's weight arguments, between h
 _SLOTS_PER_DIRECTION = WEIGHT_SLOTS // 2
 
 
-def layer_args(input, hx, weights, batch_sizes, relu):
+def layer_args(input, hx, weights, batch_sizes, relu, lengths=None):
     """rnn_layer's arguments for a layer's weights given as nn.RNN's flat list (2 or 4 per direction)."""
     weights = list(weights)
     directions = hx.shape[0] if hx.dim() == 3 else 1
@@ -43,12 +44,12 @@ def layer_args(input, hx, weights, batch_sizes, relu):
     for d in range(2):
         w = weights[d * per_direction : (d + 1) * per_direction]
         slots += w + [None] * (_SLOTS_PER_DIRECTION - len(w))
-    return (input, hx, *slots, batch_sizes, relu)
+    return (input, hx, *slots, batch_sizes, relu, lengths)
 
 
-def run_layer(input, hx, weights, batch_sizes, relu):
+def run_layer(input, hx, weights, batch_sizes, relu, lengths=None):
     """rnn_layer with the layer's weights as nn.RNN's flat list; returns (output, h_n)."""
-    return rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu))
+    return rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu, lengths))
 
 
 @torch.library.register_fake("rnn_ext::rnn_layer")
@@ -68,7 +69,9 @@ def _rnn_layer_fake(input, hx, *args):
 
 
 @torch.library.register_fake("rnn_ext::rnn_layer_backward")
-def _rnn_layer_backward_fake(grad_output, grad_h_n, input, hx, weights, batch_sizes, relu, output, output_mask):
+def _rnn_layer_backward_fake(
+    grad_output, grad_h_n, input, hx, weights, batch_sizes, relu, output, output_mask, lengths=None
+):
     grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
     grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []

@@ -1,5 +1,6 @@
 """Smoke test of ``python -m rnn_ext.benchmark`` and its shape parsing (no real timing)."""
 import pytest
+import torch
 
 from rnn_ext import benchmark
 from rnn_ext.benchmark import SHAPE_SETS, Shape, parse_shape, parse_shapes
@@ -44,6 +45,20 @@ def test_unknown_shape_set_is_named():
         parse_shapes(["small"])
 
 
+def test_run_model_with_lengths_matches_between_implementations():
+    shape = Shape(3, 6, 2, 4, 2, True)
+    reference, ours = benchmark.build_models(shape, torch.float64, torch.device("cpu"), 0, batch_first=True)
+    _, batch = benchmark.make_batches(shape, torch.float64, torch.device("cpu"), 0, "lengths", batch_first=True)
+    assert batch.lengths is not None and batch.input.shape == (3, 6, 2)
+    assert benchmark.max_forward_difference(reference, ours, batch) < 1e-12
+
+
+def test_packed_and_lengths_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--packed", "--lengths"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_shape_with_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--shapes", "1,2,banana,4"])
@@ -58,19 +73,24 @@ def test_forward_flops_counts_layers_and_directions():
     assert benchmark.forward_flops(shape, tokens=6) == per_token * 6
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_main_writes_table_markdown_and_plot(tmp_path, monkeypatch, packed):
+@pytest.mark.parametrize("variable, batch_first", [(None, False), ("packed", False), ("lengths", False),
+                                                   ("lengths", True), ("packed", True)])
+def test_main_writes_table_markdown_and_plot(tmp_path, monkeypatch, variable, batch_first):
     monkeypatch.setattr(benchmark, "PEAK_SIZE", 64)  # the real 2048^3 peak takes seconds
     markdown, plot = tmp_path / "bench.md", tmp_path / "bench.png"
     argv = ["--shapes", "2,5,3,4,1,yes", "--rounds", "1", "--min-time", "0"]
     argv += ["--markdown", str(markdown), "--plot", str(plot)]
-    rows = benchmark.main(argv + (["--packed"] if packed else []))
+    argv += [f"--{variable}"] if variable else []
+    rows = benchmark.main(argv + (["--batch-first"] if batch_first else []))
 
-    assert len(rows) == 1 and rows[0].rounds == 1 and rows[0].packed == packed
+    assert len(rows) == 1 and rows[0].rounds == 1 and rows[0].packed == (variable is not None)
+    assert rows[0].variable == variable
     text = markdown.read_text()
     assert "| shape B,L,I,H,layers,bidir | rounds | fwd nn.RNN ms | fwd rnn_ext ms | fwd speedup |" in text
     assert "| 2,5,3,4,1,yes | 1 |" in text
-    assert ("packed/padded" in text) == packed
+    assert ("packed/padded" in text) == (variable == "packed")
+    assert ("lengths/dense" in text) == (variable == "lengths")
+    assert ("batch-first" in text) == batch_first
     assert "- dtype: float32" in text and "- threads: " in text and "- SGEMM peak: " in text
     assert "{" not in text  # every header field was formatted
     assert plot.read_bytes().startswith(b"\x89PNG")

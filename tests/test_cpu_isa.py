@@ -18,7 +18,7 @@ PARITY_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import rnn_ext
-    from torch.nn.utils.rnn import pack_padded_sequence
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
     sys.path.insert(0, {tests_dir!r})
     from reference import assert_parity, make_pair
 
@@ -49,6 +49,20 @@ PARITY_SCRIPT = textwrap.dedent("""
             hx = torch.randn(state_shape, dtype=dtype, requires_grad=True)
             grad_output, grad_h_n = torch.randn(out_shape, dtype=dtype), torch.randn(state_shape, dtype=dtype)
             assert_parity(ours, theirs, x, hx, grad_output, grad_h_n)
+    # A padded batch with lengths: the kernels take its rows in length order through an index.
+    for dtype in (torch.float64, torch.float32):
+        ours, theirs = make_pair(17, 33, dtype=dtype, num_layers=2, bidirectional=True, nonlinearity="relu")
+        lengths = torch.tensor([3, 11, 1, 7, 11, 5, 2, 9, 4])
+        x = torch.randn(11, 9, 17, dtype=dtype, requires_grad=True)
+        grad_output = torch.randn(11, 9, 66, dtype=dtype)
+        results = []
+        for model, run in ((ours, lambda: ours(x, lengths=lengths)),
+                           (theirs, lambda: pad_packed_sequence(
+                               theirs(pack_padded_sequence(x, lengths, enforce_sorted=False))[0], total_length=11))):
+            output = run()[0]
+            results.append([output, *torch.autograd.grad((output * grad_output).sum(), [x, *model.parameters()])])
+        tolerance = {{}} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(results[0], results[1], **tolerance)
     print("parity ok")
 """)
 

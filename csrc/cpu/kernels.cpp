@@ -107,24 +107,26 @@ void run(const StepJob<scalar_t>& job, bool single_thread) {
 template <typename scalar_t>
 void step(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread) {
-  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, epilogue, y, ldy, /*accumulate=*/true, nullptr},
+    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread, RowIndex index) {
+  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, epilogue, y, ldy, /*accumulate=*/true, nullptr,
+                        index},
       single_thread);
 }
 
 template <typename scalar_t>
 void product(
-    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
-    const std::type_identity_t<scalar_t>* row) {
-  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0, /*accumulate=*/false, row},
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
+    int64_t ldc, const std::type_identity_t<scalar_t>* row, RowIndex index) {
+  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0,
+                        /*accumulate=*/false, row, index},
       /*single_thread=*/false);
 }
 
 template class PackedWeight<float>;
 template class PackedWeight<double>;
-template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool);
-template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool);
-template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*);
-template void product<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, const double*);
+template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex);
+template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex);
+template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*, RowIndex);
+template void product<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, const double*, RowIndex);
 
 }  // namespace rnn_ext::cpu

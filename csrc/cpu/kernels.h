@@ -32,17 +32,20 @@ class PackedWeight {
 };
 
 // C[rows, cols] = epilogue(C + A[rows, depth] @ W) (A == nullptr: epilogue only); y is what the
-// gradient epilogues read (the step's outputs), rows ldy apart. Threads over tiles unless single_thread.
+// gradient epilogues read (the step's outputs), rows ldy apart; rows numbered through index.
+// Threads over tiles unless single_thread.
 template <typename scalar_t>
 void step(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<scalar_t>* y = nullptr, int64_t ldy = 0, bool single_thread = false);
+    Epilogue epilogue, const std::type_identity_t<scalar_t>* y = nullptr, int64_t ldy = 0, bool single_thread = false,
+    RowIndex index = {});
 
-// C[rows, cols] = row + A[rows, depth] @ W, row [cols] added to every row (nullptr: nothing), threaded over tiles:
-// the all-rows products (input projection with its bias, grad_input), with no pass to initialise C.
+// C[rows, cols] = row + A[rows, depth] @ W (row [cols] added to every row, nullptr: nothing), rows
+// numbered through index (only the rows it names are touched), threaded over tiles: the all-rows
+// products (input projection with its bias, grad_input), with no pass to initialise C.
 template <typename scalar_t>
 void product(
-    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
-    const std::type_identity_t<scalar_t>* row = nullptr);
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
+    int64_t ldc, const std::type_identity_t<scalar_t>* row = nullptr, RowIndex index = {});
 
 }  // namespace rnn_ext::cpu

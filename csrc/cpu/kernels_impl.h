@@ -153,11 +153,20 @@ int64_t panels_per_tile(int64_t job_rows) {
   return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
-// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob); C, y and row point at the
-// tile's first element (row: its first column; nullptr for a zero start).
+// The rows of one row block: a[i], c[i] and y[i] point at row i of A (nullptr: no product), C and
+// y (nullptr: the epilogue reads no y), at column 0.
+template <typename scalar_t>
+struct TileRows {
+  const scalar_t* a[kTileRows];
+  scalar_t* c[kTileRows];
+  const scalar_t* y[kTileRows];
+};
+
+// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob), the tile's columns from col0
+// on; row points at the tile's first column of the start row (nullptr for a zero start).
 template <typename scalar_t, int ROWS, int G>
 RNN_EXT_INLINE void tile(
-    const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy, const scalar_t* row) {
+    const StepJob<scalar_t>& job, const TileRows<scalar_t>& rows, int64_t col0, const scalar_t* W, const scalar_t* row) {
   constexpr int lanes = kLanes<scalar_t>;
   constexpr int width = kPanelWidth<scalar_t>;
   constexpr int vectors = G * kVectorsPerPanel;
@@ -166,7 +175,7 @@ RNN_EXT_INLINE void tile(
 #pragma GCC unroll 8
     for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < vectors; ++v) acc[i][v] = load(C + i * ldc + v * lanes);
+      for (int v = 0; v < vectors; ++v) acc[i][v] = load(rows.c[i] + col0 + v * lanes);
   } else {
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) acc[0][v] = row != nullptr ? load(row + v * lanes) : vec<scalar_t>{};
@@ -175,7 +184,7 @@ RNN_EXT_INLINE void tile(
 #pragma GCC unroll 8
       for (int v = 0; v < vectors; ++v) acc[i][v] = acc[0][v];
   }
-  if (A != nullptr) {
+  if (rows.a[0] != nullptr) {
     const int64_t panel_stride = job.depth * width;
     for (int64_t k = 0; k < job.depth; ++k) {
       vec<scalar_t> b[vectors];
@@ -186,7 +195,7 @@ RNN_EXT_INLINE void tile(
       }
 #pragma GCC unroll 8
       for (int i = 0; i < ROWS; ++i) {
-        const scalar_t a = A[i * job.lda + k];  // scalar * vector broadcasts
+        const scalar_t a = rows.a[i][k];  // scalar * vector broadcasts
 #pragma GCC unroll 8
         for (int v = 0; v < vectors; ++v) acc[i][v] += a * b[v];
       }
@@ -195,21 +204,24 @@ RNN_EXT_INLINE void tile(
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < vectors; ++v) store(C + i * ldc + v * lanes, apply_epilogue(acc[i][v], job.epilogue, y + i * ldy + v * lanes));
+    for (int v = 0; v < vectors; ++v) {
+      const scalar_t* y = rows.y[i] != nullptr ? rows.y[i] + col0 + v * lanes : nullptr;
+      store(rows.c[i] + col0 + v * lanes, apply_epilogue(acc[i][v], job.epilogue, y));
+    }
 }
 
 template <typename scalar_t, int G>
 void tile_rows(
-    int64_t rows, const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy,
+    int64_t count, const StepJob<scalar_t>& job, const TileRows<scalar_t>& rows, int64_t col0, const scalar_t* W,
     const scalar_t* row) {
 #define RNN_EXT_TILE_CASE(R)                                                      \
   case R:                                                                         \
     if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {    \
-      tile<scalar_t, R, G>(job, A, W, C, ldc, y, ldy, row);                              \
+      tile<scalar_t, R, G>(job, rows, col0, W, row);                             \
       return;                                                                     \
     }                                                                             \
     break;
-  switch (rows) {
+  switch (count) {
     RNN_EXT_TILE_CASE(1)
     RNN_EXT_TILE_CASE(2)
     RNN_EXT_TILE_CASE(3)
@@ -227,23 +239,26 @@ void tile_rows(
 // Same arguments as tile_rows.
 template <typename scalar_t>
 void partial_panel_tile(
-    int64_t rows, const StepJob<scalar_t>& job, const scalar_t* A, const scalar_t* W, scalar_t* C, int64_t ldc, const scalar_t* y, int64_t ldy,
+    int64_t count, const StepJob<scalar_t>& job, const TileRows<scalar_t>& rows, int64_t col0, const scalar_t* W,
     const scalar_t* row) {
   constexpr int width = kPanelWidth<scalar_t>;
   const int64_t cols = job.cols % width;
   scalar_t c_local[kTileRows * width] = {};
   scalar_t y_local[kTileRows * width] = {};
-  for (int64_t i = 0; i < rows; ++i) {
+  TileRows<scalar_t> local = rows;
+  for (int64_t i = 0; i < count; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      c_local[i * width + j] = job.accumulate ? C[i * ldc + j] : row != nullptr ? row[j] : scalar_t(0);
-      y_local[i * width + j] = y != nullptr ? y[i * ldy + j] : scalar_t(0);
+      c_local[i * width + j] = job.accumulate ? rows.c[i][col0 + j] : row != nullptr ? row[j] : scalar_t(0);
+      y_local[i * width + j] = rows.y[i] != nullptr ? rows.y[i][col0 + j] : scalar_t(0);
     }
+    local.c[i] = c_local + i * width;
+    local.y[i] = y_local + i * width;
   }
   StepJob<scalar_t> padded = job;  // the start is in c_local now
   padded.accumulate = true;
-  tile_rows<scalar_t, 1>(rows, padded, A, W, c_local, width, y_local, width, nullptr);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) C[i * ldc + j] = c_local[i * width + j];
+  tile_rows<scalar_t, 1>(count, padded, local, 0, W, nullptr);
+  for (int64_t i = 0; i < count; ++i) {
+    for (int64_t j = 0; j < cols; ++j) rows.c[i][col0 + j] = c_local[i * width + j];
   }
 }
 
@@ -265,16 +280,30 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
   // memory once and then served from cache to every row block.
   for (int64_t index = begin; index < end; ++index) {
     const int64_t r0 = (index % row_blocks) * kTileRows;
-    const int64_t rows = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
-    const scalar_t* A = job.A != nullptr ? job.A + r0 * job.lda : nullptr;
+    const int64_t count = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
+    TileRows<scalar_t> block;  // the row block's rows, at column 0 (the first count of each)
+    const RowIndex& at = job.index;
+    if (at.a == nullptr && at.c == nullptr && at.y == nullptr) {
+      for (int64_t i = 0; i < count; ++i) {
+        block.a[i] = job.A != nullptr ? job.A + (r0 + i) * job.lda : nullptr;
+        block.c[i] = job.C + (r0 + i) * job.ldc;
+        block.y[i] = job.y != nullptr ? job.y + (r0 + i) * job.ldy : nullptr;
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t r = r0 + i;
+        block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
+        block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
+        block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
+      }
+    }
     int64_t p = (index / row_blocks) * g;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
     // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<scalar_t, G>.
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
       const int64_t col0 = panel * width;
-      const scalar_t* y = job.y != nullptr ? job.y + r0 * job.ldy + col0 : nullptr;
       const scalar_t* row = job.row != nullptr ? job.row + col0 : nullptr;
-      tile_fn(rows, job, A, job.W + panel * job.depth * width, job.C + r0 * job.ldc + col0, job.ldc, y, job.ldy, row);
+      tile_fn(count, job, block, col0, job.W + panel * job.depth * width, row);
     };
     // Whole panels, 4, 2 or 1 at a time; the ragged last panel on its own.
     const int64_t whole_end = job.cols % width == 0 ? p_end : (p_end == panel_count ? panel_count - 1 : p_end);

@@ -16,10 +16,18 @@ enum class Epilogue : int32_t {
   kReluGrad,   // C *= [y > 0]
 };
 
+// Which row of A, C and y is row r of a job: row r, or row a[r] of A, c[r] of C, y[r] of y where
+// those are given (a padded batch, whose rows a walk takes in length order).
+struct RowIndex {
+  const int64_t* a = nullptr;
+  const int64_t* c = nullptr;
+  const int64_t* y = nullptr;
+};
+
 // One step's product C[rows, cols] = epilogue(S + A[rows, depth] @ W[depth, cols]), W packed by
 // IsaKernels::pack, where the start S is C itself (accumulate), or else the row vector `row` [cols] on every row
 // (zero when row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
-// receive no recurrent term.
+// receive no recurrent term. Rows are numbered through `index`.
 template <typename scalar_t>
 struct StepJob {
   int64_t rows, cols, depth;
@@ -33,6 +41,7 @@ struct StepJob {
   int64_t ldy;
   bool accumulate;
   const scalar_t* row;  // [cols] or nullptr; read only when !accumulate
+  RowIndex index;
 };
 
 template <typename scalar_t>

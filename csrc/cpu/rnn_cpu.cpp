@@ -16,43 +16,79 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstring>
 
 namespace rnn_ext::cpu {
 
 namespace {
 
+// Where row r of a step is in a buffer of the padded layout: at row r, or at row index[r] when the
+// walk takes a padded batch's rows longest first (StepSchedule::order). With an index, pointers
+// stay at the step's row 0; without, they move to the first row used. (Buffers in the gathered
+// layout, grad_z and h_prev, hold a step's rows in place, in walk order.)
+struct StepRows {
+  const int64_t* index;
+  // The pointer and index that address rows r, r + 1, ... of the buffer p (rows ld apart).
+  template <typename T>
+  T* from(T* p, int64_t ld, int64_t r) const { return index != nullptr ? p : p + r * ld; }
+  const int64_t* index_from(int64_t r) const { return index != nullptr ? index + r : nullptr; }
+};
+
+int64_t row_at(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
+
+// A loop the compiler vectorizes in place: rows here are short, and a memcpy call per row costs
+// as much as the copy.
 template <typename scalar_t>
-void copy_rows(scalar_t* dst, int64_t ld_dst, const scalar_t* src, int64_t ld_src, int64_t rows, int64_t cols) {
+void copy_row(scalar_t* dst, const scalar_t* src, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) dst[j] = src[j];
+}
+
+// dst row r = src row index[r] (src row r without an index).
+template <typename scalar_t>
+void gather_rows_into(
+    scalar_t* dst, int64_t ld_dst, const scalar_t* src, int64_t ld_src, int64_t rows, int64_t cols,
+    const int64_t* index) {
   for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(dst + r * ld_dst, src + r * ld_src, cols * sizeof(scalar_t));
+    copy_row(dst + r * ld_dst, src + row_at(index, r) * ld_src, cols);
   }
 }
 
-// dst = a + b, row by row.
+// dst row index[r] = src row index[r].
 template <typename scalar_t>
-void sum_rows(
-    scalar_t* dst, int64_t ld_dst, const scalar_t* a, int64_t ld_a, const scalar_t* b, int64_t ld_b, int64_t rows,
-    int64_t cols) {
+void copy_rows(
+    scalar_t* dst, int64_t ld_dst, const scalar_t* src, int64_t ld_src, int64_t rows, int64_t cols,
+    const int64_t* index) {
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t j = 0; j < cols; ++j) dst[r * ld_dst + j] = a[r * ld_a + j] + b[r * ld_b + j];
+    const int64_t at = row_at(index, r);
+    copy_row(dst + at * ld_dst, src + at * ld_src, cols);
+  }
+}
+
+// dst row r = a row index[r] + b row index[r].
+template <typename scalar_t>
+void gather_sum_rows(
+    scalar_t* dst, int64_t ld_dst, const scalar_t* a, int64_t ld_a, const scalar_t* b, int64_t ld_b, int64_t rows,
+    int64_t cols, const int64_t* index) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t at = row_at(index, r);
+    for (int64_t j = 0; j < cols; ++j) dst[r * ld_dst + j] = a[at * ld_a + j] + b[at * ld_b + j];
   }
 }
 
 Epilogue activation(bool relu) { return relu ? Epilogue::kRelu : Epilogue::kTanh; }
 Epilogue activation_grad(bool relu) { return relu ? Epilogue::kReluGrad : Epilogue::kTanhGrad; }
 
-// c [rows, cols] = row + a [rows, depth] @ w [depth, cols] (row [cols] or undefined) with the
-// step kernel. For the all-rows products (input projection, grad_input) it beats at::mm at these
-// tall-skinny shapes.
+// c = row + a @ w (w [depth, cols], row [cols] or undefined) with the step kernel, on `rows` rows
+// numbered through index. For the all-rows products (input projection, grad_input) it beats
+// at::mm at these tall-skinny shapes.
 template <typename scalar_t>
-void product_into(const at::Tensor& a, const at::Tensor& w, const at::Tensor& row, at::Tensor& c) {
+void product_into(
+    int64_t rows, const at::Tensor& a, const at::Tensor& w, const at::Tensor& row, at::Tensor& c, RowIndex index) {
   const auto a_ = a.contiguous();
   const auto w_ = w.contiguous();
   const auto row_ = row.defined() ? row.contiguous() : row;
   const PackedWeight<scalar_t> packed(w_.data_ptr<scalar_t>(), w_.size(1), w_.size(0), w_.size(1));
-  product<scalar_t>(a_.size(0), a_.data_ptr<scalar_t>(), a_.size(1), packed, c.data_ptr<scalar_t>(), c.size(1),
-                    row_.defined() ? row_.data_ptr<scalar_t>() : nullptr);
+  product<scalar_t>(rows, a_.data_ptr<scalar_t>(), a_.size(1), packed, c.data_ptr<scalar_t>(), c.size(1),
+                    row_.defined() ? row_.data_ptr<scalar_t>() : nullptr, index);
 }
 
 class CpuBackend {
@@ -60,6 +96,7 @@ class CpuBackend {
   CpuBackend(const at::Tensor& /*input*/, const LayerSizes& /*sizes*/) {}
 
   static bool native(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
+  static constexpr bool kRowOrder = true;
 
   template <typename F>
   static void dispatch(at::ScalarType dtype, F&& f) {
@@ -79,14 +116,40 @@ class CpuBackend {
     }
   }
 
+  // On the rows the steps own: x and output rows of the layout.
   template <typename scalar_t>
-  void project(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& output) {
-    product_into<scalar_t>(x, w_ih.t(), bias, output);
+  void project(const StepSchedule& steps, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias,
+               at::Tensor& output) {
+    const RowSet rows = steps.step_rows();
+    product_into<scalar_t>(rows.count, x, w_ih.t(), bias, output, {rows.index, rows.index, nullptr});
   }
 
+  // grad_z's gathered rows into the layout's rows of grad_input.
   template <typename scalar_t>
-  void grad_input(const at::Tensor& grad_z, const at::Tensor& w_ih, at::Tensor& grad_input) {
-    product_into<scalar_t>(grad_z, w_ih, at::Tensor(), grad_input);
+  void grad_input(const StepSchedule& steps, const at::Tensor& grad_z, const at::Tensor& w_ih, at::Tensor& grad_input) {
+    const RowSet rows = steps.step_rows();
+    product_into<scalar_t>(rows.count, grad_z, w_ih, at::Tensor(), grad_input, {nullptr, rows.index, nullptr});
+  }
+
+  void zero_rows(at::Tensor& t, const RowSet& rows) {
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnn_ext_zero_rows", [&] {
+      const int64_t cols = t.size(1);
+      scalar_t* data = t.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows.count; ++r) {
+        scalar_t* row = data + rows.at(r) * cols;
+        for (int64_t j = 0; j < cols; ++j) row[j] = scalar_t(0);
+      }
+    });
+  }
+
+  at::Tensor gather_rows(const at::Tensor& t, const StepSchedule& steps) {
+    const RowSet rows = steps.step_rows();
+    auto gathered = at::empty({rows.count, t.size(1)}, t.options());
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnn_ext_gather_rows", [&] {
+      gather_rows_into(gathered.data_ptr<scalar_t>(), t.size(1), t.data_ptr<scalar_t>(), t.size(1), rows.count,
+                       t.size(1), rows.index);
+    });
+    return gathered;
   }
 
   // output[t] = act(output[t] + h_prev @ w_hh^T), h_prev the walk's previous state or hx.
@@ -97,16 +160,22 @@ class CpuBackend {
     const int64_t ld = dir.ld;
     const at::Tensor w_hh_t = dir.w_hh.t().contiguous();
     const PackedWeight<scalar_t> packed(w_hh_t.data_ptr<scalar_t>(), H, H, H);
+    const StepRows order{steps.order()};
     steps.walk(dir.reverse, Pass::kForward, [&](const Step& now) {
       scalar_t* h = dir.output + now.offset * ld;
-      if (now.carried > 0) {
-        step(now.carried, dir.output + steps.offset(now.previous) * ld, ld, packed, h, ld, act, nullptr, 0, single_thread);
+      const int64_t carried = now.carried;
+      if (carried > 0) {
+        step(carried, dir.output + steps.offset(now.previous) * ld, ld, packed, h, ld, act, nullptr, 0, single_thread,
+             {order.index, order.index, nullptr});
       }
-      if (now.carried < now.rows) {
-        step(now.rows - now.carried, dir.hx + now.carried * H, H, packed, h + now.carried * ld, ld, act, nullptr, 0,
-             single_thread);
+      if (carried < now.rows) {
+        const int64_t* index = order.index_from(carried);
+        step(now.rows - carried, order.from(dir.hx, H, carried), H, packed, order.from(h, ld, carried), ld, act, nullptr,
+             0, single_thread, {index, index, nullptr});
       }
-      copy_rows(dir.h_n + now.continuing * H, H, h + now.continuing * ld, ld, now.rows - now.continuing, H);
+      const int64_t ending = now.continuing;  // the first row ending here
+      copy_rows(order.from(dir.h_n, H, ending), H, order.from(h, ld, ending), ld, now.rows - ending, H,
+                order.index_from(ending));
     });
   }
 
@@ -118,32 +187,38 @@ class CpuBackend {
     const int64_t ld = dir.ld;
     const at::Tensor w_hh = dir.w_hh.contiguous();
     const PackedWeight<scalar_t> packed(w_hh.data_ptr<scalar_t>(), H, H, H);
+    const StepRows order{steps.order()};
     steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
-      const int64_t at_rows = now.offset * ld;
-      scalar_t* g = dir.grad_z + at_rows;
+      const int64_t at_rows = now.offset * ld;  // padded layout: grad_output, output
+      scalar_t* g = dir.grad_z + steps.gathered_offset(now.t) * ld;  // gathered layout
       const scalar_t* y = dir.output + at_rows;
-      const int64_t ending = now.rows - now.continuing;
-      copy_rows(g, ld, dir.grad_output + at_rows, ld, now.continuing, H);
-      sum_rows(g + now.continuing * ld, ld, dir.grad_output + at_rows + now.continuing * ld, ld,
-               dir.grad_h_n + now.continuing * H, H, ending, H);
-      if (now.continuing > 0) {
-        step(now.continuing, dir.grad_z + steps.offset(now.next) * ld, ld, packed, g, ld, act_grad, y, ld, single_thread);
+      const scalar_t* grad_out = dir.grad_output + at_rows;
+      const int64_t going_on = now.continuing;  // rows [0, going_on) continue; the rest end here
+      const int64_t ending = now.rows - going_on;
+      gather_rows_into(g, ld, grad_out, ld, going_on, H, order.index);
+      gather_sum_rows(g + going_on * ld, ld, order.from(grad_out, ld, going_on), ld,
+                      order.from(dir.grad_h_n, H, going_on), H, ending, H, order.index_from(going_on));
+      if (going_on > 0) {
+        step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ld, packed, g, ld, act_grad, y, ld,
+             single_thread, {nullptr, nullptr, order.index});
       }
       if (ending > 0) {  // no gradient flows back into these rows: the epilogue only
-        step<scalar_t>(ending, nullptr, 0, packed, g + now.continuing * ld, ld, act_grad, y + now.continuing * ld, ld,
-                       single_thread);
+        step<scalar_t>(ending, nullptr, 0, packed, g + going_on * ld, ld, act_grad, order.from(y, ld, going_on), ld,
+                       single_thread, {nullptr, nullptr, order.index_from(going_on)});
       }
       // Rows that started from hx send their gradient there.
-      if (dir.grad_hx != nullptr && now.carried < now.rows) {
-        step(now.rows - now.carried, g + now.carried * ld, ld, packed, dir.grad_hx + now.carried * H, H,
-             Epilogue::kNone, nullptr, 0, single_thread);
+      const int64_t carried = now.carried;
+      if (dir.grad_hx != nullptr && carried < now.rows) {
+        step(now.rows - carried, g + carried * ld, ld, packed, order.from(dir.grad_hx, H, carried), H, Epilogue::kNone,
+             nullptr, 0, single_thread, {nullptr, order.index_from(carried), nullptr});
       }
-      if (dir.h_prev != nullptr) {
-        scalar_t* dst = dir.h_prev + at_rows;
-        if (now.carried > 0) {
-          copy_rows(dst, ld, dir.output + steps.offset(now.previous) * ld, ld, now.carried, H);
+      if (dir.h_prev != nullptr) {  // gathered layout, as grad_z
+        scalar_t* dst = dir.h_prev + steps.gathered_offset(now.t) * ld;
+        if (carried > 0) {
+          gather_rows_into(dst, ld, dir.output + steps.offset(now.previous) * ld, ld, carried, H, order.index);
         }
-        copy_rows(dst + now.carried * ld, ld, dir.hx + now.carried * H, H, now.rows - now.carried, H);
+        gather_rows_into(dst + carried * ld, ld, order.from(dir.hx, H, carried), H, now.rows - carried, H,
+                         order.index_from(carried));
       }
     });
   }

@@ -197,6 +197,8 @@ class CudaBackend {
         z_(at::empty({s.B, s.H}, input.options().dtype(at::toOpMathType(input.scalar_type())))) {}
 
   static bool native(at::ScalarType /*dtype*/) { return true; }
+  // The cuBLAS step GEMMs need a step's rows in place: the driver sorts a padded batch by length.
+  static constexpr bool kRowOrder = false;
 
   template <typename F>
   static void dispatch(at::ScalarType dtype, F&& f) {
@@ -209,8 +211,11 @@ class CudaBackend {
     for (int64_t d = 0; d < s.D; ++d) body(d, /*single_thread=*/false);
   }
 
+  // One GEMM over all rows, padding rows included: on the GPU one large GEMM costs less than one
+  // per step, and the driver zeroes the padding rows afterwards.
   template <typename scalar_t>
-  void project(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias, at::Tensor& output) {
+  void project(const StepSchedule& /*steps*/, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias,
+               at::Tensor& output) {
     if (bias.defined()) {
       at::addmm_out(output, bias, x, w_ih.t());
     } else {
@@ -219,8 +224,20 @@ class CudaBackend {
   }
 
   template <typename scalar_t>
-  void grad_input(const at::Tensor& grad_z, const at::Tensor& w_ih, at::Tensor& grad_input) {
-    at::mm_out(grad_input, grad_z, w_ih);
+  void grad_input(const StepSchedule& steps, const at::Tensor& grad_z, const at::Tensor& w_ih, at::Tensor& grad_input) {
+    if (steps.padded()) {  // grad_z holds the rows the steps own, gathered
+      grad_input.index_copy_(0, row_index(steps.step_rows()).to(grad_input.device()), at::mm(grad_z, w_ih));
+    } else {
+      at::mm_out(grad_input, grad_z, w_ih);
+    }
+  }
+
+  void zero_rows(at::Tensor& t, const RowSet& rows) {
+    if (rows.count > 0) t.index_fill_(0, row_index(rows).to(t.device()), 0);
+  }
+
+  at::Tensor gather_rows(const at::Tensor& t, const StepSchedule& steps) {
+    return t.index_select(0, row_index(steps.step_rows()).to(t.device()));
   }
 
   // Per step: z = h_prev @ w_hh^T (h_prev: the walk's previous state, or hx), then the fused
@@ -258,22 +275,24 @@ class CudaBackend {
     const scalar_t* w_hh = w_hh_tensor.data_ptr<scalar_t>();
     acc_t* z = z_.data_ptr<acc_t>();
     steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
-      const int64_t at_rows = now.offset * ld;
+      const int64_t at_rows = now.offset * ld;                              // grad_output, output
+      scalar_t* grad_z = dir.grad_z + steps.gathered_offset(now.t) * ld;  // grad_z, h_prev
       if (now.continuing > 0) {
-        gemm_rows(handle_, false, now.continuing, H, H, dir.grad_z + steps.offset(now.next) * ld, ld, w_hh, H, z, H);
+        gemm_rows(handle_, false, now.continuing, H, H, dir.grad_z + steps.gathered_offset(now.next) * ld, ld, w_hh, H,
+                  z, H);
       }
       const scalar_t* prev_out = now.carried > 0 ? dir.output + steps.offset(now.previous) * ld : nullptr;
       const int64_t n = now.rows * H;
       if (n > 0) {
         backward_step_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(
-            dir.grad_z + at_rows, dir.grad_output + at_rows, z, dir.grad_h_n, dir.output + at_rows,
-            dir.h_prev != nullptr ? dir.h_prev + at_rows : nullptr, prev_out, dir.hx, now.rows, H, ld,
+            grad_z, dir.grad_output + at_rows, z, dir.grad_h_n, dir.output + at_rows,
+            dir.h_prev != nullptr ? dir.h_prev + steps.gathered_offset(now.t) * ld : nullptr, prev_out, dir.hx, now.rows, H, ld,
             now.continuing, now.carried, dir.relu);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       // Each row starts from hx once, so its gradient is written, not accumulated.
       if (dir.grad_hx != nullptr) {
-        gemm_rows(handle_, false, now.rows - now.carried, H, H, dir.grad_z + at_rows + now.carried * ld, ld, w_hh, H,
+        gemm_rows(handle_, false, now.rows - now.carried, H, H, grad_z + now.carried * ld, ld, w_hh, H,
                   dir.grad_hx + now.carried * H, H);
       }
     });
