@@ -133,12 +133,29 @@ StepSchedule::StepSchedule(
     gathered_rows_ += sizes_[t];
   }
   if (padded_) {
-    step_index_.reserve(gathered_rows_);
-    padding_index_.reserve(N - gathered_rows_);
+    // rank[b]: batch row b's position in the walk's row order; step t owns the rows of rank < size(t).
+    std::vector<int64_t> rank(B);
+    for (int64_t r = 0; r < B; ++r) rank[order() != nullptr ? order_[r] : r] = r;
+    step_index_.resize(gathered_rows_);
+    padding_index_.resize(N - gathered_rows_);
+    if (order() != nullptr) {
+      layout_order_.resize(gathered_rows_);
+      gathered_order_.resize(gathered_rows_);
+    }
+    int64_t* owned_rows = step_index_.data();
+    int64_t* padding_rows = padding_index_.data();
+    int64_t owned_in_layout = 0;
     for (int64_t t = 0; t * B < N; ++t) {
       const int64_t owned = t < steps() ? sizes_[t] : 0;
-      for (int64_t r = 0; r < B; ++r) {
-        (r < owned ? step_index_ : padding_index_).push_back(t * B + (order() != nullptr ? order_[r] : r));
+      const int64_t first = t * B;
+      for (int64_t r = 0; r < owned; ++r) *owned_rows++ = first + (order() != nullptr ? order_[r] : r);
+      for (int64_t b = 0; b < B; ++b) {  // in the layout's order
+        if (rank[b] >= owned) {
+          *padding_rows++ = first + b;
+        } else if (order() != nullptr) {
+          layout_order_[owned_in_layout] = first + b;
+          gathered_order_[owned_in_layout++] = gathered_offsets_[t] + rank[b];
+        }
       }
     }
   }
@@ -149,6 +166,22 @@ at::Tensor row_index(const RowSet& rows) {
     return at::arange(rows.count, at::TensorOptions().dtype(at::kLong));
   }
   return at::tensor(at::IntArrayRef(rows.index, rows.count), at::TensorOptions().dtype(at::kLong));
+}
+
+StepSchedule StepSchedule::half(int64_t which) const {
+  TORCH_INTERNAL_ASSERT(padded_ && (which == 0 || which == 1));
+  StepSchedule half;
+  half.padded_ = true;
+  half.rows_ = rows_;
+  half.batch_ = batch_;
+  half.gathered_stride_ = 2 * gathered_stride_;
+  for (int64_t r = which; r < started(); r += 2) half.order_.push_back(order() != nullptr ? order_[r] : r);
+  for (int64_t t = 0; t < steps() && sizes_[t] > which; ++t) {
+    half.sizes_.push_back((sizes_[t] - which + 1) / 2);  // positions which, which + 2, ... below size(t)
+    half.offsets_.push_back(offsets_[t]);
+    half.gathered_offsets_.push_back(gathered_offsets_[t] + which * gathered_stride_);
+  }
+  return half;
 }
 
 at::Tensor StepSchedule::idle_rows() const {

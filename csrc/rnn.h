@@ -41,6 +41,14 @@ struct RowSet {
   int64_t at(int64_t r) const { return index != nullptr ? index[r] : r; }
 };
 
+// The rows the steps own, once each, as pairs: layout row layout[r] is gathered row gathered[r]
+// (either nullptr: r). Listed in the layout's order, so that reading them streams memory front to back.
+struct RowPairs {
+  int64_t count;
+  const int64_t* layout;
+  const int64_t* gathered;
+};
+
 // The rows of a RowSet as an int64 CPU tensor [count].
 at::Tensor row_index(const RowSet& rows);
 
@@ -86,6 +94,8 @@ class StepSchedule {
   // kept, in step order (gather_rows, step_rows); the layout itself unless padded.
   int64_t gathered_offset(int64_t t) const { return gathered_offsets_[t]; }
   int64_t gathered_rows() const { return gathered_rows_; }
+  // Rows between consecutive rows of a step in the gathered layout: 1, or 2 in a half().
+  int64_t gathered_stride() const { return gathered_stride_; }
   bool padded() const { return padded_; }
   const int64_t* order() const { return order_.empty() ? nullptr : order_.data(); }
   // Rows that run at least one step (the others keep hx as their state).
@@ -94,8 +104,19 @@ class StepSchedule {
   // The rows the steps own, in step order (step t's at gathered_offset(t)), and the padding rows.
   RowSet step_rows() const { return {gathered_rows_, padded_ ? step_index_.data() : nullptr}; }
   RowSet padding_rows() const { return {static_cast<int64_t>(padding_index_.size()), padding_index_.data()}; }
+  RowPairs step_rows_in_layout_order() const {
+    if (order() == nullptr) return {gathered_rows_, padded_ ? step_index_.data() : nullptr, nullptr};
+    return {gathered_rows_, layout_order_.data(), gathered_order_.data()};
+  }
   // The batch rows that run no step (a padded batch's rows of length 0): [B - started()] int64 on the CPU.
   at::Tensor idle_rows() const;
+
+  // Half `which` (0 or 1) of a padded batch's rows: those at even (odd) positions of the walk's row
+  // order, as a schedule of their own. Sequences are independent, so the two halves can be walked
+  // at the same time, with no synchronisation per step; each keeps its rows where the whole
+  // schedule has them, in the layout and in the gathered layout (every other row: stride 2). Only
+  // the walk's members (steps, size, offset, gathered_offset, gathered_stride, order) are set.
+  StepSchedule half(int64_t which) const;
 
   // Step t of the forward (reverse == false) or reverse direction.
   Step step(int64_t t, bool reverse) const {
@@ -122,11 +143,15 @@ class StepSchedule {
   std::vector<int64_t> offsets_;
   std::vector<int64_t> gathered_offsets_;
   int64_t gathered_rows_ = 0;
+  int64_t gathered_stride_ = 1;
   std::vector<int64_t> order_;  // [B] of a padded batch not already sorted by length; else empty
   std::vector<int64_t> step_index_, padding_index_;  // of a padded batch: step_rows(), padding_rows()
+  std::vector<int64_t> layout_order_, gathered_order_;  // step_rows_in_layout_order(), when order() is given
   int64_t rows_;  // N
   int64_t batch_;  // B
   bool padded_;
+
+  StepSchedule() = default;
 };
 
 // Checks dtypes, devices and shapes of a layer's arguments; returns its sizes.

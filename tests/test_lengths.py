@@ -315,8 +315,8 @@ def module_and_input():
     [
         ([5, 2, 1], ValueError, r"one length per batch row \(2\), got 3"),
         ([5], ValueError, r"one length per batch row \(2\), got 1"),
-        ([6, 2], ValueError, r"lengths must lie in \[0, 5\]"),
-        ([3, -1], ValueError, r"lengths must lie in \[0, 5\]"),
+        ([6, 2], RuntimeError, r"lengths must lie in \[0, 5\] \(the time steps\), got lengths\[0\] = 6"),
+        ([3, -1], RuntimeError, r"lengths must lie in \[0, 5\] \(the time steps\), got lengths\[1\] = -1"),
         ([2.0, 3.0], ValueError, "lengths must be a 1-D integer tensor or a list of ints"),
         (torch.tensor([2.0, 3.0]), ValueError, "lengths must hold integers"),
         (torch.tensor([True, False]), ValueError, "lengths must hold integers"),

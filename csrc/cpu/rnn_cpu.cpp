@@ -116,12 +116,13 @@ class CpuBackend {
     }
   }
 
-  // On the rows the steps own: x and output rows of the layout.
+  // On the rows the steps own, x's and output's in the layout, in the layout's order: x's rows,
+  // re-read for each column panel, then stream from memory front to back.
   template <typename scalar_t>
   void project(const StepSchedule& steps, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& bias,
                at::Tensor& output) {
-    const RowSet rows = steps.step_rows();
-    product_into<scalar_t>(rows.count, x, w_ih.t(), bias, output, {rows.index, rows.index, nullptr});
+    const RowPairs rows = steps.step_rows_in_layout_order();
+    product_into<scalar_t>(rows.count, x, w_ih.t(), bias, output, {rows.layout, rows.layout, nullptr});
   }
 
   // grad_z's gathered rows into the layout's rows of grad_input.
@@ -142,12 +143,17 @@ class CpuBackend {
     });
   }
 
+  // Copies the rows in the layout's order, so that t is read front to back.
   at::Tensor gather_rows(const at::Tensor& t, const StepSchedule& steps) {
-    const RowSet rows = steps.step_rows();
+    const RowPairs rows = steps.step_rows_in_layout_order();
     auto gathered = at::empty({rows.count, t.size(1)}, t.options());
     AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnn_ext_gather_rows", [&] {
-      gather_rows_into(gathered.data_ptr<scalar_t>(), t.size(1), t.data_ptr<scalar_t>(), t.size(1), rows.count,
-                       t.size(1), rows.index);
+      const int64_t cols = t.size(1);
+      scalar_t* dst = gathered.data_ptr<scalar_t>();
+      const scalar_t* src = t.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows.count; ++r) {
+        copy_row(dst + row_at(rows.gathered, r) * cols, src + row_at(rows.layout, r) * cols, cols);
+      }
     });
     return gathered;
   }
@@ -155,6 +161,10 @@ class CpuBackend {
   // output[t] = act(output[t] + h_prev @ w_hh^T), h_prev the walk's previous state or hx.
   template <typename scalar_t>
   void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir, bool single_thread) {
+    if (walk_in_halves(steps, single_thread)) {
+      in_halves(steps, [&](const StepSchedule& half) { forward_walk(half, dir, /*single_thread=*/true); });
+      return;
+    }
     const Epilogue act = activation(dir.relu);
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
@@ -182,12 +192,17 @@ class CpuBackend {
   // grad_z[t] = (grad_output[t] + grad_z[next] @ w_hh, or + grad_h_n where a sequence ends) * act'.
   template <typename scalar_t>
   void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir, bool single_thread) {
+    if (walk_in_halves(steps, single_thread)) {
+      in_halves(steps, [&](const StepSchedule& half) { backward_walk(half, dir, /*single_thread=*/true); });
+      return;
+    }
     const Epilogue act_grad = activation_grad(dir.relu);
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
     const at::Tensor w_hh = dir.w_hh.contiguous();
     const PackedWeight<scalar_t> packed(w_hh.data_ptr<scalar_t>(), H, H, H);
     const StepRows order{steps.order()};
+    const int64_t ldg = ld * steps.gathered_stride();  // rows apart in the gathered layout: grad_z, h_prev
     steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
       const int64_t at_rows = now.offset * ld;  // padded layout: grad_output, output
       scalar_t* g = dir.grad_z + steps.gathered_offset(now.t) * ld;  // gathered layout
@@ -195,31 +210,47 @@ class CpuBackend {
       const scalar_t* grad_out = dir.grad_output + at_rows;
       const int64_t going_on = now.continuing;  // rows [0, going_on) continue; the rest end here
       const int64_t ending = now.rows - going_on;
-      gather_rows_into(g, ld, grad_out, ld, going_on, H, order.index);
-      gather_sum_rows(g + going_on * ld, ld, order.from(grad_out, ld, going_on), ld,
+      gather_rows_into(g, ldg, grad_out, ld, going_on, H, order.index);
+      gather_sum_rows(g + going_on * ldg, ldg, order.from(grad_out, ld, going_on), ld,
                       order.from(dir.grad_h_n, H, going_on), H, ending, H, order.index_from(going_on));
       if (going_on > 0) {
-        step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ld, packed, g, ld, act_grad, y, ld,
+        step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ldg, packed, g, ldg, act_grad, y, ld,
              single_thread, {nullptr, nullptr, order.index});
       }
       if (ending > 0) {  // no gradient flows back into these rows: the epilogue only
-        step<scalar_t>(ending, nullptr, 0, packed, g + going_on * ld, ld, act_grad, order.from(y, ld, going_on), ld,
+        step<scalar_t>(ending, nullptr, 0, packed, g + going_on * ldg, ldg, act_grad, order.from(y, ld, going_on), ld,
                        single_thread, {nullptr, nullptr, order.index_from(going_on)});
       }
       // Rows that started from hx send their gradient there.
       const int64_t carried = now.carried;
       if (dir.grad_hx != nullptr && carried < now.rows) {
-        step(now.rows - carried, g + carried * ld, ld, packed, order.from(dir.grad_hx, H, carried), H, Epilogue::kNone,
-             nullptr, 0, single_thread, {nullptr, order.index_from(carried), nullptr});
+        step(now.rows - carried, g + carried * ldg, ldg, packed, order.from(dir.grad_hx, H, carried), H,
+             Epilogue::kNone, nullptr, 0, single_thread, {nullptr, order.index_from(carried), nullptr});
       }
       if (dir.h_prev != nullptr) {  // gathered layout, as grad_z
         scalar_t* dst = dir.h_prev + steps.gathered_offset(now.t) * ld;
         if (carried > 0) {
-          gather_rows_into(dst, ld, dir.output + steps.offset(now.previous) * ld, ld, carried, H, order.index);
+          gather_rows_into(dst, ldg, dir.output + steps.offset(now.previous) * ld, ld, carried, H, order.index);
         }
-        gather_rows_into(dst + carried * ld, ld, order.from(dir.hx, H, carried), H, now.rows - carried, H,
+        gather_rows_into(dst + carried * ldg, ldg, order.from(dir.hx, H, carried), H, now.rows - carried, H,
                          order.index_from(carried));
       }
+    });
+  }
+
+ private:
+  // A padded batch's direction walked by one thread splits its rows in two halves, walked side by
+  // side (sequences are independent): no synchronisation per step, where splitting each step's
+  // tiles would pay for one at every step, and could not split small steps at all.
+  static bool walk_in_halves(const StepSchedule& steps, bool single_thread) {
+    return !single_thread && steps.padded() && steps.started() > 1 && at::get_num_threads() > 1;
+  }
+
+  template <typename F>
+  static void in_halves(const StepSchedule& steps, F&& walk) {
+    const StepSchedule halves[2] = {steps.half(0), steps.half(1)};
+    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t which = begin; which < end; ++which) walk(halves[which]);
     });
   }
 };
