@@ -24,7 +24,8 @@ namespace {
 // Where row r of a step is in a buffer of the padded layout: at row r, or at row index[r] when the
 // walk takes a padded batch's rows longest first (StepSchedule::order). With an index, pointers
 // stay at the step's row 0; without, they move to the first row used. (Buffers in the gathered
-// layout, grad_z and h_prev, hold a step's rows in place, in walk order.)
+// layout, grad_z and h_prev, hold a step's rows in walk order, StepSchedule::gathered_stride()
+// rows apart.)
 struct StepRows {
   const int64_t* index;
   // The pointer and index that address rows r, r + 1, ... of the buffer p (rows ld apart).
@@ -104,7 +105,8 @@ class CpuBackend {
   }
 
   // Both directions run side by side on two threads, each single-threaded (no per-step
-  // synchronisation); one direction splits each step's tiles over the threads instead.
+  // synchronisation); one direction splits each step's tiles over the threads instead, or, for a
+  // padded batch, its rows in two halves (walk_in_halves).
   template <typename F>
   void for_each_direction(const LayerSizes& s, F&& body) {
     if (s.D > 1 && at::get_num_threads() > 1) {
