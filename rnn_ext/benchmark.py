@@ -259,6 +259,22 @@ def max_forward_difference(reference, ours, batch):
 # -- timing -------------------------------------------------------------------------------------
 
 
+def without_gc(timer):
+    """``timer`` with Python's garbage collector off while it runs, as ``timeit`` does: a
+    collection then lands in no sample, whichever function's garbage set it off."""
+
+    def timed(fn, n):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return timer(fn, n)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return timed
+
+
 def make_timer(device):
     """``timer(fn, n)`` -> seconds per call of ``fn`` over ``n`` back-to-back calls."""
     if device.type == "cuda":
@@ -273,7 +289,7 @@ def make_timer(device):
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / n
 
-        return cuda_timer
+        return without_gc(cuda_timer)
 
     def cpu_timer(fn, n):
         start = time.perf_counter()
@@ -281,7 +297,7 @@ def make_timer(device):
             fn()
         return (time.perf_counter() - start) / n
 
-    return cpu_timer
+    return without_gc(cpu_timer)
 
 
 def calls_per_sample(fn, timer, min_time):
@@ -296,8 +312,8 @@ def calls_per_sample(fn, timer, min_time):
 def time_interleaved(fns, timer, rounds, min_time, budget=0.0, on_round=None):
     """Median seconds per call of each of ``fns`` (a name -> callable dict), timed in rounds.
 
-    Each round takes one sample (of enough calls to last ``min_time``) of every function, in an
-    order reversed every other round. ``budget`` (seconds for warm-up and rounds, 0: none) lowers
+    Each round takes one sample (of enough calls to last ``min_time``, after one untimed call) of
+    every function, in an order reversed every other round. ``budget`` (seconds for warm-up and rounds, 0: none) lowers
     the rounds when they are slow, down to MIN_ROUNDS (or ``rounds`` if fewer). Returns
     ``(medians, rounds_run)``.
     """
@@ -313,6 +329,7 @@ def time_interleaved(fns, timer, rounds, min_time, budget=0.0, on_round=None):
     names = list(fns)
     for index in range(rounds):
         for name in names if index % 2 == 0 else reversed(names):
+            fns[name]()  # untimed: the sample does not pay for the caches and threads the last function left
             samples[name].append(timer(fns[name], counts[name]))
         if on_round is not None:
             on_round()
