@@ -20,7 +20,7 @@ def checked_lengths(lengths, batch, device):
     """``lengths`` of a padded batch as the op takes them: a 1-D int64 CPU tensor.
 
     lengths: a 1-D integer tensor (on the CPU or on ``device``) or a list of ints, one per batch
-    row, in any order. Anything else raises ValueError; a length outside [0, steps] is left to the
+    row, in any order. Anything else raises ValueError; a length outside [0, L] is left to the
     op, which raises RuntimeError naming it (the check needs the values, so it runs there, in
     eager mode and in compiled graphs alike).
     """
