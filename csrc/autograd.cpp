@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> composite_layer(
   const auto act = [relu](const at::Tensor& z) { return relu ? at::relu(z) : at::tanh(z); };
   at::Tensor order;  // [B]: the batch row at each of the schedule's row positions; undefined: in place
   if (steps.order() != nullptr) {
-    order = at::tensor(at::IntArrayRef(steps.order(), s.B), at::TensorOptions().dtype(at::kLong)).to(input.device());
+    order = row_index({s.B, steps.order()}).to(input.device());
   }
   const auto hx_in_order = order.defined() ? hx.index_select(1, order) : hx;
   std::vector<at::Tensor> outputs, h_n;

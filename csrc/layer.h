@@ -88,7 +88,7 @@ class LengthOrder {
  public:
   LengthOrder(const StepSchedule& steps, const at::Tensor& lengths, int64_t B, const at::Device& device)
       : B_(B) {
-    const auto order = at::tensor(at::IntArrayRef(steps.order(), B), at::TensorOptions().dtype(at::kLong));
+    const auto order = row_index({B, steps.order()});
     lengths_ = lengths.index_select(0, order);
     order_ = order.to(device);
     restore_ = at::argsort(order).to(device);

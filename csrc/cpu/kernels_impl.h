@@ -283,19 +283,11 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
     const int64_t count = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
     TileRows<scalar_t> block;  // the row block's rows, at column 0 (the first count of each)
     const RowIndex& at = job.index;
-    if (at.a == nullptr && at.c == nullptr && at.y == nullptr) {
-      for (int64_t i = 0; i < count; ++i) {
-        block.a[i] = job.A != nullptr ? job.A + (r0 + i) * job.lda : nullptr;
-        block.c[i] = job.C + (r0 + i) * job.ldc;
-        block.y[i] = job.y != nullptr ? job.y + (r0 + i) * job.ldy : nullptr;
-      }
-    } else {
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t r = r0 + i;
-        block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
-        block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
-        block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
-      }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = r0 + i;
+      block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
+      block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
+      block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
     }
     int64_t p = (index / row_blocks) * g;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
