@@ -1,4 +1,4 @@
-// Autograd of rnn_layer: saves input, hx, the weights and the output; the backward calls the
+// Autograd of rnn_layer and rnn_cell. rnn_layer's saves input, hx, the weights and the output; the backward calls the
 // rnn_layer_backward op (its own registered op, with a fake kernel, so compiled graphs hold it).
 // When the gradients must themselves be differentiable (create_graph=True: double backward,
 // gradient penalties, torch.func), the backward instead differentiates the layer rebuilt from
@@ -228,10 +228,96 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autograd(
   return {result[0], result[1]};
 }
 
+// Autograd of rnn_cell: one node per step, where nn.RNNCell's step records several. The backward
+// calls the rnn_cell_backward op; with create_graph=True it runs the same formulas (cell_backward)
+// as differentiable ATen ops instead, whose graph reaches the inputs through the saved output.
+class RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
+ public:
+  // Forward arguments by index, and the autograd edge of each present tensor (absent biases have none).
+  static constexpr int kInput = 0, kHx = 1, kWIh = 2, kWHh = 3, kBIh = 4, kBHh = 5, kArgs = 7;
+
+  static const c10::TypedOperatorHandle<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+      const OptionalTensor&, bool)>&
+  cell_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("rnn_ext::rnn_cell", "")
+                               .typed<at::Tensor(
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const OptionalTensor&, const OptionalTensor&, bool)>();
+    return op;
+  }
+
+  static variable_list forward(
+      AutogradContext* ctx, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+      const at::Tensor& w_hh, const OptionalTensor& b_ih, const OptionalTensor& b_hh, bool relu) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto h = cell_op().call(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
+    ctx->save_for_backward({input, hx, h, w_ih, w_hh, b_ih.value_or(at::Tensor()), b_hh.value_or(at::Tensor())});
+    ctx->saved_data["relu"] = relu;
+    return {h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();  // input, hx, h, w_ih, w_hh, b_ih, b_hh
+    const bool has_bias = saved[5].defined();
+    std::vector<at::Tensor> weights{saved[3], saved[4]};
+    if (has_bias) weights.insert(weights.end(), {saved[5], saved[6]});
+    std::array<bool, 4> weight_needed{};
+    bool need_weights = false;
+    for (size_t k = 0; k < weights.size(); ++k) {
+      weight_needed[k] = ctx->needs_input_grad(kWIh + k);
+      need_weights = need_weights || weight_needed[k];
+    }
+    const std::array<bool, 3> mask{ctx->needs_input_grad(kInput), ctx->needs_input_grad(kHx), need_weights};
+    const bool relu = ctx->saved_data["relu"].toBool();
+    std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      result = cell_backward(grads[0], saved[0], saved[1], weights, relu, saved[2], mask);
+    } else {
+      static const auto op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("rnn_ext::rnn_cell_backward", "")
+                                 .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+                                     const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+                                     const at::Tensor&, std::array<bool, 3>)>();
+      result = op.call(grads[0], saved[0], saved[1], weights, relu, saved[2], mask);
+    }
+    auto& [grad_input, grad_hx, grad_weights] = result;
+    variable_list grad_args(kArgs);  // relu gets none
+    if (mask[0]) grad_args[kInput] = grad_input;
+    if (mask[1]) grad_args[kHx] = grad_hx;
+    for (size_t k = 0; need_weights && k < weights.size(); ++k) {
+      if (weight_needed[k]) grad_args[kWIh + k] = grad_weights[k];
+    }
+    return grad_args;
+  }
+};
+
+at::Tensor rnn_cell_autograd(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const OptionalTensor& b_ih, const OptionalTensor& b_hh, bool relu) {
+  // Whether any argument carries a forward-mode tangent (which the Function refuses, rather than
+  // dropping it), or needs a gradient while grad mode records.
+  const at::Tensor* args[] = {&input, &hx, &w_ih, &w_hh, b_ih ? &*b_ih : nullptr, b_hh ? &*b_hh : nullptr};
+  const bool recording = at::GradMode::is_enabled();
+  bool tracked = false;
+  for (const at::Tensor* t : args) {
+    tracked = tracked || (t != nullptr && ((recording && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()));
+  }
+  if (!tracked) {
+    // Nothing to record (e.g. a no_grad sampling loop): skip building an autograd node, a cost as
+    // large as a small step's arithmetic.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return RnnCellFunction::cell_op().call(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
+  }
+  return RnnCellFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, relu)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
   m.impl("rnn_layer", &rnn_layer_autograd);
+  m.impl("rnn_cell", &rnn_cell_autograd);
 }
 
 }  // namespace rnn_ext

@@ -3,17 +3,12 @@
 #include "rnn.h"
 #include "cpu/kernels.h"
 
-#include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <numeric>
 
-// Importing rnn_ext._C runs the static registrations below; no Python bindings are needed.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+// Importing rnn_ext._C (csrc/python.cpp) runs the static registrations below.
 
 TORCH_LIBRARY(rnn_ext, m) {
   // One layer, all of its directions (shapes in rnn.h). relu selects the activation (else tanh).
@@ -31,13 +26,20 @@ TORCH_LIBRARY(rnn_ext, m) {
       "rnn_layer_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
       "Tensor[] weights, Tensor? batch_sizes, bool relu, Tensor output, bool[3] output_mask, "
       "Tensor? lengths=None) -> (Tensor, Tensor, Tensor[])");
+  // One step on its own, nn.RNNCell's (shapes in rnn.h): act(input @ w_ih^T + b_ih + hx @ w_hh^T + b_hh).
+  m.def(
+      "rnn_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool relu) "
+      "-> Tensor");
+  // Gradients of rnn_cell from its input, hx, weights ([w_ih, w_hh(, b_ih, b_hh)]) and output, as
+  // rnn_layer_backward's: output_mask picks (grad_input, grad_hx, grad_weights).
+  m.def(
+      "rnn_cell_backward(Tensor grad_h, Tensor input, Tensor hx, Tensor[] weights, bool relu, Tensor output, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor[])");
   // The instruction set of the CPU kernels (RNN_EXT_CPU_ISA can lower it), for tests and reports.
   m.def("cpu_isa() -> str", &rnn_ext::cpu::cpu_isa);
 }
 
 namespace rnn_ext {
-
-namespace {
 
 void check_same_kind(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(
@@ -52,6 +54,8 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
   TORCH_CHECK(
       t.sizes() == expected, "rnn_ext: ", name, " must have shape ", expected, ", got ", t.sizes());
 }
+
+namespace {
 
 void check_batch_sizes(const at::Tensor& batch_sizes, int64_t N, int64_t B) {
   TORCH_CHECK(

@@ -154,6 +154,11 @@ class StepSchedule {
   StepSchedule() = default;
 };
 
+// That t (called name in the message) has the input's dtype and device.
+void check_same_kind(const at::Tensor& t, const char* name, const at::Tensor& input);
+// That t (called name in the message) has the expected shape.
+void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected);
+
 // Checks dtypes, devices and shapes of a layer's arguments; returns its sizes.
 LayerSizes check_layer_args(
     const at::Tensor& input,
@@ -230,5 +235,43 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_entry(
       flat_weights(w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse);
   return impl(input, hx, weights, batch_sizes, relu, lengths);
 }
+
+}  // namespace rnn_ext
+
+// ---------------------------------------------------------------------------------------------
+// One step of the recurrence on its own: the rnn_cell op, nn.RNNCell's step.
+//   input  [B, I]    hx [B, H]    w_ih [H, I]    w_hh [H, H]    b_ih [H]?    b_hh [H]? (both or neither)
+//   -> h   [B, H]    h = act(input @ w_ih^T + b_ih + hx @ w_hh^T + b_hh)
+
+namespace rnn_ext {
+
+struct CellSizes {
+  int64_t B, I, H;
+  bool has_bias;
+};
+
+// Checks dtypes, devices and shapes of a cell's arguments (nn.RNNCell's messages); returns its sizes.
+CellSizes check_cell_args(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
+
+// rnn_cell from ATen ops (two GEMMs into one buffer, the activation in place), on any device.
+at::Tensor cell_forward_aten(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool relu);
+
+// Checks rnn_cell_backward's arguments (below): the cell's, and grad_h and output [B, H].
+CellSizes check_cell_backward_args(
+    const at::Tensor& grad_h, const at::Tensor& input, const at::Tensor& hx, at::TensorList weights,
+    const at::Tensor& output);
+
+// rnn_cell_backward (shapes above; weights [w_ih, w_hh(, b_ih, b_hh)]; output the cell's h): from
+// grad_z = grad_h * act'(output), grad_input = grad_z @ w_ih, grad_hx = grad_z @ w_hh,
+// grad_w_ih = grad_z^T input, grad_w_hh = grad_z^T hx, grad_b_ih = grad_b_hh = sum of grad_z rows.
+// ATen ops on any device, differentiable: with grad mode on it records the graph of the gradients.
+// grad_w_out: buffers for grad_w_ih and grad_w_hh to write into (undefined: allocated).
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_backward(
+    const at::Tensor& grad_h, const at::Tensor& input, const at::Tensor& hx, at::TensorList weights, bool relu,
+    const at::Tensor& output, std::array<bool, 3> output_mask, std::array<at::Tensor, 2> grad_w_out = {});
 
 }  // namespace rnn_ext

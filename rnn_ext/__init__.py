@@ -1,7 +1,8 @@
 """rnn_ext: an Elman RNN (tanh or relu) with hand-written CPU and CUDA kernels.
 
-``rnn_ext.RNN`` drops in for ``torch.nn.RNN``; ``rnn_ext.rnn`` is the functional form;
-``torch.ops.rnn_ext.rnn_layer`` is the compiled op underneath (see ``rnn_ext.ops``).
+``rnn_ext.RNN`` drops in for ``torch.nn.RNN`` and ``rnn_ext.RNNCell`` for ``torch.nn.RNNCell``;
+``rnn_ext.rnn`` and ``rnn_ext.rnn_cell`` are the functional forms; ``torch.ops.rnn_ext.rnn_layer``
+and ``torch.ops.rnn_ext.rnn_cell`` are the compiled ops underneath (see ``rnn_ext.ops``).
 """
 import torch
 
@@ -13,10 +14,10 @@ except ImportError as error:  # e.g. `python -c 'import rnn_ext'` in an unbuilt 
         "(pip install --no-build-isolation .) and import it from outside the source tree, or build "
         "it in place (python setup.py build_ext --inplace)") from error
 from . import ops
-from .functional import rnn
-from .module import RNN
+from .functional import rnn, rnn_cell
+from .module import RNN, RNNCell
 
-__all__ = ["RNN", "rnn", "ops", "cuda_kernels_built", "cpu_isa"]
+__all__ = ["RNN", "RNNCell", "rnn", "rnn_cell", "ops", "cuda_kernels_built", "cpu_isa"]
 __version__ = "0.1.0"
 
 

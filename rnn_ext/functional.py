@@ -122,3 +122,24 @@ def rnn(
         return x, h_n
     output = x.view(seq_len, batch, directions * hidden)
     return (output.transpose(0, 1) if batch_first else output), h_n
+
+
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One step of the recurrence over given weights, as ``nn.RNNCell`` computes it (``_VF.rnn_tanh_cell``).
+
+    input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or ``[H]`` (None: zeros); w_ih ``[H, I]``, w_hh
+    ``[H, H]``, b_ih and b_hh ``[H]`` or both None. Returns h' ``[B, H]`` (``[H]`` for 1-D input).
+    A layer's weights (``weight_ih_l0``, ...) serve as they are, e.g. to sample step by step.
+    """
+    relu = uses_relu(nonlinearity)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"rnn_cell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        hx = input.new_zeros((input.size(0), w_hh.size(-1)))
+    elif not is_batched:
+        hx = hx.unsqueeze(0)
+    h = ops.cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, relu)
+    return h if is_batched else h.squeeze(0)

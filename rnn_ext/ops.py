@@ -11,7 +11,12 @@ documented in ``csrc/rnn.h``:
     lengths      [B] int64 CPU tensor, sorted longest first (a padded batch), or None
     -> output    [N, D*H] (zero on padding),   h_n [D, B, H]
 
-The op takes its weights in WEIGHT_SLOTS optional slots, not as a list: its C++ autograd Function
+``torch.ops.rnn_ext.rnn_cell`` runs one step on its own, nn.RNNCell's (``rnn_cell_backward`` is its
+gradient):
+
+    input [B, I], hx [B, H], w_ih [H, I], w_hh [H, H], b_ih [H]?, b_hh [H]?, relu -> h [B, H]
+
+The layer op takes its weights in WEIGHT_SLOTS optional slots, not as a list: its C++ autograd Function
 (csrc/autograd.cpp) then gives each present weight its own autograd edge without list handling.
 ``run_layer`` calls it with a layer's weights as nn.RNN's flat list.
 
@@ -24,10 +29,23 @@ from . import _C  # noqa: F401  (importing the extension registers the ops)
 
 rnn_layer = torch.ops.rnn_ext.rnn_layer.default
 rnn_layer_backward = torch.ops.rnn_ext.rnn_layer_backward.default
+rnn_cell = torch.ops.rnn_ext.rnn_cell.default
+rnn_cell_backward = torch.ops.rnn_ext.rnn_cell_backward.default
 
 WEIGHT_SLOT_NAMES = ("w_ih", "w_hh", "b_ih", "b_hh", "w_ih_reverse", "w_hh_reverse", "b_ih_reverse", "b_hh_reverse")
 WEIGHT_SLOTS = len(WEIGHT_SLOT_NAMES)  # rnn_layer's weight arguments, between hx and batch_sizes
 _SLOTS_PER_DIRECTION = WEIGHT_SLOTS // 2
+
+
+def cell_step(input, hx, w_ih, w_hh, b_ih, b_hh, relu):
+    """rnn_cell by its quickest entry: ``rnn_ext._C.rnn_cell`` in eager mode (the same dispatcher call,
+    without the OpOverload's generic argument parsing; see csrc/python.cpp), the OpOverload while
+    compiling or where the quick entry declines (tensor subclasses, TorchFunctionModes)."""
+    if not torch.compiler.is_compiling():
+        h = _C.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, relu)
+        if h is not NotImplemented:
+            return h
+    return rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, relu)
 
 
 def layer_args(input, hx, weights, batch_sizes, relu, lengths=None):
@@ -72,6 +90,34 @@ def _rnn_layer_fake(input, hx, *args):
 def _rnn_layer_backward_fake(
     grad_output, grad_h_n, input, hx, weights, batch_sizes, relu, output, output_mask, lengths=None
 ):
+    grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
+    grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
+    grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
+    return grad_input, grad_hx, grad_weights
+
+
+def _check_same_kind(input, named_tensors):
+    for name, t in named_tensors:
+        if t is not None:
+            torch._check(
+                t.device == input.device and t.dtype == input.dtype,
+                lambda: f"rnn_ext: {name} must have the input's dtype and device, got {t.dtype} on {t.device}",
+            )
+
+
+@torch.library.register_fake("rnn_ext::rnn_cell")
+def _rnn_cell_fake(input, hx, w_ih, w_hh, b_ih, b_hh, relu):
+    torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D [batch, input_size], got {input.dim()}-D")
+    torch._check(hx.dim() == 2, lambda: f"rnn_ext: hx must be 2-D [batch, hidden_size], got {hx.dim()}-D")
+    _check_same_kind(input, (("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)))
+    hidden, input_size = w_ih.shape
+    torch._check(input.shape[1] == input_size, lambda: "rnn_ext: input has inconsistent input_size")
+    torch._check(hx.shape == (input.shape[0], hidden), lambda: "rnn_ext: hx must be [batch, hidden_size]")
+    return input.new_empty((input.shape[0], hidden))
+
+
+@torch.library.register_fake("rnn_ext::rnn_cell_backward")
+def _rnn_cell_backward_fake(grad_h, input, hx, weights, relu, output, output_mask):
     grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
     grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []

@@ -1,6 +1,7 @@
 """The CPU kernels are compiled per instruction set and the best one is picked at load time, so
 this machine alone would only ever test one. RNN_EXT_CPU_ISA forces a lower one: each is run in
-a subprocess (the choice is made once per process) through a parity check against nn.RNN."""
+a subprocess (the choice is made once per process) through a parity check against nn.RNN and
+nn.RNNCell."""
 import os
 import subprocess
 import sys
@@ -63,6 +64,21 @@ PARITY_SCRIPT = textwrap.dedent("""
             results.append([output, *torch.autograd.grad((output * grad_output).sum(), [x, *model.parameters()])])
         tolerance = {{}} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[0], results[1], **tolerance)
+    # RNNCell: its dot-product kernels (up to 8 rows) on vector tails and row pairs.
+    for dtype in (torch.float64, torch.float32):
+        for batch, input_size, hidden, nonlinearity in ((1, 17, 33, "tanh"), (3, 40, 7, "relu"), (8, 64, 70, "tanh")):
+            ours = rnn_ext.RNNCell(input_size, hidden, nonlinearity=nonlinearity, dtype=dtype)
+            theirs = torch.nn.RNNCell(input_size, hidden, nonlinearity=nonlinearity, dtype=dtype)
+            theirs.load_state_dict(ours.state_dict())
+            x = torch.randn(batch, input_size, dtype=dtype, requires_grad=True)
+            hx = torch.randn(batch, hidden, dtype=dtype, requires_grad=True)
+            grad = torch.randn(batch, hidden, dtype=dtype)
+            results = []
+            for cell in (ours, theirs):
+                h = cell(x, hx)
+                results.append([h, *torch.autograd.grad((h * grad).sum(), [x, hx, *cell.parameters()])])
+            tolerance = {{}} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(results[0], results[1], **tolerance)
     print("parity ok")
 """)
 

@@ -20,7 +20,7 @@ from reference import assert_as_accurate_as, make_pair, outputs_and_grads
 
 DEVICE = "cuda"
 
-OPS = ("rnn_ext::rnn_layer", "rnn_ext::rnn_layer_backward")
+OPS = ("rnn_ext::rnn_layer", "rnn_ext::rnn_layer_backward", "rnn_ext::rnn_cell", "rnn_ext::rnn_cell_backward")
 
 
 def requires_cuda(test):

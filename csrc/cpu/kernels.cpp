@@ -2,6 +2,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -122,11 +123,41 @@ void product(
       /*single_thread=*/false);
 }
 
+template <typename scalar_t>
+void dot_step(const DotJob<scalar_t>& job) {
+  const IsaKernels<scalar_t>& k = kernels<scalar_t>();
+  const int64_t blocks = (job.cols + 7) / 8;  // dot_columns splits at multiples of 8 columns
+  if (blocks < 2 || job.rows * job.cols * (job.depth1 + job.depth2) < kParallelMinMacs) {
+    k.dot_columns(job, 0, job.cols);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    k.dot_columns(job, begin * 8, std::min(end * 8, job.cols));
+  });
+}
+
+template <typename scalar_t>
+void dot_grad(const DotGradJob<scalar_t>& job) {
+  const IsaKernels<scalar_t>& k = kernels<scalar_t>();
+  if (job.rows * job.cols * (job.depth1 + job.depth2) < kParallelMinMacs) {
+    k.dot_grad(job, 0);
+    k.dot_grad(job, 1);
+    return;
+  }
+  at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t operand = begin; operand < end; ++operand) k.dot_grad(job, operand);
+  });
+}
+
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex);
 template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex);
 template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*, RowIndex);
+template void dot_step<float>(const DotJob<float>&);
+template void dot_step<double>(const DotJob<double>&);
+template void dot_grad<float>(const DotGradJob<float>&);
+template void dot_grad<double>(const DotGradJob<double>&);
 template void product<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, const double*, RowIndex);
 
 }  // namespace rnn_ext::cpu

@@ -48,4 +48,12 @@ void product(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
     int64_t ldc, const std::type_identity_t<scalar_t>* row = nullptr, RowIndex index = {});
 
+// A DotJob (kernels_isa.h), threaded over columns when it is large enough.
+template <typename scalar_t>
+void dot_step(const DotJob<scalar_t>& job);
+
+// A DotGradJob (kernels_isa.h), its two operand pairs on two threads when it is large enough.
+template <typename scalar_t>
+void dot_grad(const DotGradJob<scalar_t>& job);
+
 }  // namespace rnn_ext::cpu

@@ -306,9 +306,176 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The unpacked step (DotJob): dot products along the weights' rows.
+
+template <typename scalar_t>
+RNN_EXT_INLINE scalar_t sum_lanes(vec<scalar_t> v) {
+  scalar_t s[kLanes<scalar_t>];
+  __builtin_memcpy(s, &v, sizeof(v));
+#pragma GCC unroll 8
+  for (int width = kLanes<scalar_t> / 2; width > 0; width /= 2)
+#pragma GCC unroll 8
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
+
+// sums[i][c] += (row i of a) . (row c of w), both of length depth, for ROWS x COLS pairs at once:
+// each vector of a serves COLS products and each vector of w serves ROWS.
+template <typename scalar_t, int ROWS, int COLS>
+RNN_EXT_INLINE void add_dots(
+    const scalar_t* a, int64_t lda, const scalar_t* w, int64_t depth, scalar_t (&sums)[ROWS][COLS]) {
+  constexpr int lanes = kLanes<scalar_t>;
+  vec<scalar_t> acc[ROWS][COLS];
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < COLS; ++c) acc[i][c] = vec<scalar_t>{};
+  int64_t k = 0;
+  for (; k + lanes <= depth; k += lanes) {
+    vec<scalar_t> x[ROWS];
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) x[i] = load(a + i * lda + k);
+#pragma GCC unroll 8
+    for (int c = 0; c < COLS; ++c) {
+      const vec<scalar_t> wv = load(w + c * depth + k);
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; ++i) acc[i][c] += x[i] * wv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < COLS; ++c) {
+      scalar_t s = sum_lanes<scalar_t>(acc[i][c]);
+      for (int64_t tail = k; tail < depth; ++tail) s += a[i * lda + tail] * w[c * depth + tail];
+      sums[i][c] += s;
+    }
+}
+
+// Rows [r0, r0 + ROWS) x columns [c0, c0 + COLS) of a DotJob, before the epilogue.
+template <typename scalar_t, int ROWS, int COLS>
+void dot_block(const DotJob<scalar_t>& job, int64_t r0, int64_t c0) {
+  scalar_t sums[ROWS][COLS];
+  for (int c = 0; c < COLS; ++c) {
+    const scalar_t bias = (job.bias1 != nullptr ? job.bias1[c0 + c] : scalar_t(0)) +
+        (job.bias2 != nullptr ? job.bias2[c0 + c] : scalar_t(0));
+    for (int i = 0; i < ROWS; ++i) sums[i][c] = bias;
+  }
+  add_dots<scalar_t, ROWS, COLS>(job.a1 + r0 * job.lda1, job.lda1, job.w1 + c0 * job.depth1, job.depth1, sums);
+  add_dots<scalar_t, ROWS, COLS>(job.a2 + r0 * job.lda2, job.lda2, job.w2 + c0 * job.depth2, job.depth2, sums);
+  for (int i = 0; i < ROWS; ++i)
+    for (int c = 0; c < COLS; ++c) job.C[(r0 + i) * job.ldc + c0 + c] = sums[i][c];
+}
+
+// c[0, cols) = epilogue(c[0, cols)), for the epilogues that read no y.
+template <typename scalar_t>
+void activate(scalar_t* c, int64_t cols, Epilogue epilogue) {
+  constexpr int lanes = kLanes<scalar_t>;
+  if (epilogue == Epilogue::kNone) return;
+  int64_t j = 0;
+  for (; j + lanes <= cols; j += lanes) store(c + j, apply_epilogue(load(c + j), epilogue, static_cast<const scalar_t*>(nullptr)));
+  if (j < cols) {  // the ragged end, through a padded copy
+    scalar_t local[lanes] = {};
+    for (int64_t i = j; i < cols; ++i) local[i - j] = c[i];
+    store(local, apply_epilogue(load(local), epilogue, static_cast<const scalar_t*>(nullptr)));
+    for (int64_t i = j; i < cols; ++i) c[i] = local[i - j];
+  }
+}
+
+template <typename scalar_t>
+void dot_columns(const DotJob<scalar_t>& job, int64_t begin, int64_t end) {
+  // Blocks of 8 columns: their 8 rows of w stay in L1 while every row of a passes by.
+  int64_t c0 = begin;
+  for (; c0 + 8 <= end; c0 += 8) {
+    int64_t r = 0;
+    for (; r + 2 <= job.rows; r += 2) {
+      dot_block<scalar_t, 2, 4>(job, r, c0);
+      dot_block<scalar_t, 2, 4>(job, r, c0 + 4);
+    }
+    if (r < job.rows) dot_block<scalar_t, 1, 8>(job, r, c0);
+  }
+  for (; c0 < end; ++c0)
+    for (int64_t r = 0; r < job.rows; ++r) dot_block<scalar_t, 1, 1>(job, r, c0);
+  for (int64_t r = 0; r < job.rows; ++r) activate(job.C + r * job.ldc + begin, end - begin, job.epilogue);
+}
+
+// y[0, n) = (add ? y : 0) + a * x[0, n)
+template <typename scalar_t>
+RNN_EXT_INLINE void scaled_row(scalar_t* y, scalar_t a, const scalar_t* x, int64_t n, bool add) {
+  constexpr int lanes = kLanes<scalar_t>;
+  const vec<scalar_t> scale = vec<scalar_t>{} + a;
+  int64_t k = 0;
+  if (add) {
+    for (; k + lanes <= n; k += lanes) store(y + k, load(y + k) + scale * load(x + k));
+    for (; k < n; ++k) y[k] += a * x[k];
+  } else {
+    for (; k + lanes <= n; k += lanes) store(y + k, scale * load(x + k));
+    for (; k < n; ++k) y[k] = a * x[k];
+  }
+}
+
+// out[k0, k0 + V * lanes) = sum over j < cols of g[j] * w row j's same columns (w rows depth
+// apart): V column vectors of grad_a = g @ w, accumulated in registers over w's rows.
+template <typename scalar_t, int V>
+RNN_EXT_INLINE void row_combination_block(
+    const scalar_t* g, int64_t cols, const scalar_t* w, int64_t depth, int64_t k0, scalar_t* out) {
+  constexpr int lanes = kLanes<scalar_t>;
+  vec<scalar_t> acc[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) acc[v] = vec<scalar_t>{};
+  for (int64_t j = 0; j < cols; ++j) {
+    const vec<scalar_t> scale = vec<scalar_t>{} + g[j];
+    const scalar_t* row = w + j * depth + k0;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[v] += scale * load(row + v * lanes);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) store(out + k0 + v * lanes, acc[v]);
+}
+
+// out[0, depth) = g[0, cols) @ w [cols, depth].
+template <typename scalar_t>
+void row_combination(const scalar_t* g, int64_t cols, const scalar_t* w, int64_t depth, scalar_t* out) {
+  constexpr int lanes = kLanes<scalar_t>;
+  int64_t k = 0;
+  for (; k + 8 * lanes <= depth; k += 8 * lanes) row_combination_block<scalar_t, 8>(g, cols, w, depth, k, out);
+  for (; k + lanes <= depth; k += lanes) row_combination_block<scalar_t, 1>(g, cols, w, depth, k, out);
+  for (; k < depth; ++k) {
+    scalar_t sum = 0;
+    for (int64_t j = 0; j < cols; ++j) sum += g[j] * w[j * depth + k];
+    out[k] = sum;
+  }
+}
+
+// One operand pair (a, W) of a DotGradJob: grad_a = grad_z @ W, row by row, then grad_w row j =
+// sum over b of grad_z[b, j] * a row b, written once.
+template <typename scalar_t>
+void dot_grad_operand(
+    int64_t rows, int64_t cols, const scalar_t* grad_z, const scalar_t* a, int64_t depth, const scalar_t* w,
+    scalar_t* grad_a, scalar_t* grad_w) {
+  if (grad_a != nullptr) {
+    for (int64_t b = 0; b < rows; ++b) row_combination(grad_z + b * cols, cols, w, depth, grad_a + b * depth);
+  }
+  if (grad_w != nullptr) {
+    for (int64_t j = 0; j < cols; ++j)
+      for (int64_t b = 0; b < rows; ++b) scaled_row(grad_w + j * depth, grad_z[b * cols + j], a + b * depth, depth, b > 0);
+  }
+}
+
+template <typename scalar_t>
+void dot_grad(const DotGradJob<scalar_t>& job, int64_t operand) {
+  if (operand == 0) {
+    dot_grad_operand(job.rows, job.cols, job.grad_z, job.a1, job.depth1, job.w1, job.grad_a1, job.grad_w1);
+  } else {
+    dot_grad_operand(job.rows, job.cols, job.grad_z, job.a2, job.depth2, job.w2, job.grad_a2, job.grad_w2);
+  }
+}
+
 template <typename scalar_t>
 IsaKernels<scalar_t> kernels() {
-  return {kPanelWidth<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>};
+  return {kPanelWidth<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>, &dot_columns<scalar_t>,
+          &dot_grad<scalar_t>};
 }
 
 }  // namespace

@@ -44,6 +44,44 @@ struct StepJob {
   RowIndex index;
 };
 
+// One step with the weights as stored, unpacked (nn.Linear's [out, in] layout), for a few rows:
+// C[rows, cols] = epilogue(bias1 + bias2 + A1 @ W1^T + A2 @ W2^T), each element a pair of dot products
+// along the weights' contiguous rows. Packing W per call would cost as much as the product itself.
+template <typename scalar_t>
+struct DotJob {
+  int64_t rows, cols;
+  const scalar_t* a1;  // [rows, depth1], rows lda1 apart
+  int64_t lda1, depth1;
+  const scalar_t* w1;  // [cols, depth1], contiguous
+  const scalar_t* a2;  // [rows, depth2], rows lda2 apart
+  int64_t lda2, depth2;
+  const scalar_t* w2;  // [cols, depth2], contiguous
+  const scalar_t* bias1;  // [cols] or nullptr
+  const scalar_t* bias2;  // [cols] or nullptr
+  scalar_t* C;  // [rows, cols], rows ldc apart
+  int64_t ldc;
+  Epilogue epilogue;  // kNone, kTanh or kRelu
+};
+
+// The gradients of a DotJob for a few rows, in one pass over the weights' rows (rnn_cell_backward):
+// grad_a = grad_z @ W (a sum of W's rows, scaled), grad_w = grad_z^T a (each row of grad_w a
+// combination of a's rows), for the operand pairs (a1, W1) and (a2, W2). Any output may be nullptr.
+template <typename scalar_t>
+struct DotGradJob {
+  int64_t rows, cols;
+  const scalar_t* grad_z;  // [rows, cols] contiguous: the gradient of the pre-activation
+  const scalar_t* a1;      // [rows, depth1] contiguous
+  int64_t depth1;
+  const scalar_t* w1;    // [cols, depth1] contiguous
+  scalar_t* grad_a1;     // [rows, depth1]
+  scalar_t* grad_w1;     // [cols, depth1]
+  const scalar_t* a2;    // [rows, depth2] contiguous
+  int64_t depth2;
+  const scalar_t* w2;    // [cols, depth2] contiguous
+  scalar_t* grad_a2;     // [rows, depth2]
+  scalar_t* grad_w2;     // [cols, depth2]
+};
+
 template <typename scalar_t>
 struct IsaKernels {
   // Columns per packed panel. Packed W holds ceil(cols / panel_width) panels of depth x panel_width
@@ -53,6 +91,10 @@ struct IsaKernels {
   // The job splits into independent tiles [0, num_tiles), run in any order or in parallel.
   int64_t (*num_tiles)(int64_t rows, int64_t cols);
   void (*run_tiles)(const StepJob<scalar_t>& job, int64_t begin, int64_t end);
+  // Columns [begin, end) of a DotJob, every row; split the columns in multiples of 8 to run in parallel.
+  void (*dot_columns)(const DotJob<scalar_t>& job, int64_t begin, int64_t end);
+  // The gradients of operand pair 0 (a1, W1) or 1 (a2, W2) of a DotGradJob: the pairs are independent.
+  void (*dot_grad)(const DotGradJob<scalar_t>& job, int64_t operand);
 };
 
 IsaKernels<float> avx512_kernels_f32();

@@ -305,11 +305,29 @@ class CudaBackend {
   at::Tensor z_;  // [B, H] in the op-math type: one step's GEMM result
 };
 
+// rnn_cell: one step is two cuBLAS GEMMs into one buffer and the activation in place (ATen's
+// kernels, on the current stream), under a guard for the input's device.
+at::Tensor rnn_cell_cuda(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool relu) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return cell_forward_aten(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_cell_backward_cuda(
+    const at::Tensor& grad_h, const at::Tensor& input, const at::Tensor& hx, at::TensorList weights, bool relu,
+    const at::Tensor& output, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  return cell_backward(grad_h, input, hx, weights, relu, output, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) {
   m.impl("rnn_layer", &rnn_layer_entry<&layer_forward<CudaBackend>>);
   m.impl("rnn_layer_backward", &layer_backward<CudaBackend>);
+  m.impl("rnn_cell", &rnn_cell_cuda);
+  m.impl("rnn_cell_backward", &rnn_cell_backward_cuda);
 }
 
 }  // namespace rnn_ext::gpu
