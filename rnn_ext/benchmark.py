@@ -1,4 +1,5 @@
-"""Times ``rnn_ext.RNN`` against ``torch.nn.RNN`` with the same weights, in one process.
+"""Times ``rnn_ext.RNN`` against ``torch.nn.RNN`` with the same weights, in one process
+(``--cell``: ``rnn_ext.RNNCell`` against ``torch.nn.RNNCell``, see ``rnn_ext.cell_benchmark``).
 
 Run ``python -m rnn_ext.benchmark --help``. For each shape both implementations get the
 same weights (``load_state_dict``) and the same inputs; each round times every variant once,
@@ -435,20 +436,28 @@ def _cells(rows):
     return [header for header, _ in columns], [[cell(row) for _, cell in columns] for row in rows]
 
 
-def format_table(rows):
-    """The results as an aligned plain-text table."""
-    headers, body = _cells(rows)
+def render_table(headers, body):
+    """Header and rows of cell texts as an aligned plain-text table."""
     widths = [max(len(text) for text in column) for column in zip(headers, *body)]
     lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in [headers, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
 
-def format_markdown_table(rows):
-    headers, body = _cells(rows)
+def render_markdown_table(headers, body, text_columns=1):
+    """The same as a markdown table; columns after the first text_columns are right-aligned."""
     lines = ["| " + " | ".join(line) + " |" for line in [headers, *body]]
-    lines.insert(1, "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
+    lines.insert(1, "|" + "|".join(["---"] * text_columns + ["---:"] * (len(headers) - text_columns)) + "|")
     return "\n".join(lines)
+
+
+def format_table(rows):
+    """The results as an aligned plain-text table."""
+    return render_table(*_cells(rows))
+
+
+def format_markdown_table(rows):
+    return render_markdown_table(*_cells(rows))
 
 
 # -- reports ------------------------------------------------------------------------------------
@@ -568,14 +577,19 @@ def benchmark_shape(shape, args, device, dtype, timer, on_round):
     return Row(shape, rounds, batch.tokens, results["reference"], results["ours"], padded, variable=variable)
 
 
-def run_benchmark(args, shapes, device):
+def progress_bar(total):
+    """A tqdm progress bar of ``total`` rounds on stderr."""
     from tqdm import tqdm
 
+    return tqdm(total=total, unit="round", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_benchmark(args, shapes, device):
     dtype = DTYPES[args.dtype]
     timer = make_timer(device)
     peak_seconds = sgemm_seconds(device, timer)  # more runs after the shapes, under the load then
     rows = []
-    with tqdm(total=len(shapes) * args.rounds, unit="round", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(len(shapes) * args.rounds) as bar:
         for shape in shapes:
             bar.set_postfix_str(shape.label)
             row = benchmark_shape(shape, args, device, dtype, timer, lambda: bar.update(1))
@@ -606,6 +620,9 @@ def build_parser():
     variable.add_argument("--lengths", action="store_true",
                           help="variable-length padded batches: rnn_ext with lengths= against nn.RNN's "
                           "pack -> RNN -> pad pipeline; also times rnn_ext without lengths")
+    variable.add_argument("--cell", action="store_true",
+                          help="time Python loops of rnn_ext.RNNCell against torch.nn.RNNCell instead "
+                          "(shapes B,I,H[,T]; default: the 'cell' set); see rnn_ext/cell_benchmark.py")
     parser.add_argument("--batch-first", action="store_true", help="batches laid out [B, L, ...]")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="(default: %(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
@@ -624,14 +641,21 @@ def build_parser():
 
 
 def main(argv=None):
+    from . import cell_benchmark
+
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "rnn_ext.benchmark", *argv])
     try:
-        shapes = parse_shapes(args.shapes or ["packed" if args.packed else "lengths" if args.lengths else "default"])
+        if args.cell:
+            shapes = cell_benchmark.parse_cell_shapes(args.shapes or ["cell"])
+        else:
+            shapes = parse_shapes(args.shapes or ["packed" if args.packed else "lengths" if args.lengths else "default"])
     except ValueError as error:
         parser.error(f"--shapes: {error}")
+    if args.cell and (args.batch_first or args.plot):
+        parser.error("--cell takes no --batch-first or --plot")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.threads is not None:
@@ -647,6 +671,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
+    if args.cell:
+        return cell_benchmark.run_cell_benchmark(args, shapes, device)
     rows, peak_gflops = run_benchmark(args, shapes, device)
     print(f"SGEMM peak {peak_gflops:.1f} GFLOP/s; {args.dtype} on {device}, {torch.get_num_threads()} threads")
     print(format_table(rows))

@@ -5,7 +5,8 @@
 #   2. the whole test suite's CUDA cases (pytest -m cuda: the device-parametrized shared suites
 #      and tests/test_cuda.py), then the CPU cases if time allows,
 #   3. python -m rnn_ext.benchmark --device cuda against nn.RNN (cuDNN): float32 and bfloat16
-#      dense, float32 packed, and float32 padded batches with lengths= (batch-first),
+#      dense, float32 packed, and float32 padded batches with lengths= (batch-first), and
+#      --cell: loops of rnn_ext.RNNCell against nn.RNNCell,
 # writing a summary to $OUT/cuda.md (benchmarks/results/cuda.md when OUT is unset) and every line
 # of output to $OUT/log.txt (log.txt next to cuda.md). Each part has its own time limit and the
 # whole run stays under about 7 minutes; the exit status is 0 only if the build and the CUDA
@@ -102,6 +103,7 @@ if (( build_rc == 0 )); then
   run_bench bfloat16 40 --dtype bfloat16 --shape-budget 4
   run_bench packed 30 --packed --shape-budget 4
   run_bench lengths 30 --lengths --batch-first --shapes 32,200,64,64 64,500,128,128 128,100,256,256 --shape-budget 4
+  run_bench cell 25 --cell --shapes 1,32,32 1,256,256 16,128,128 64,1024,1024,20 --shape-budget 3
 fi
 if (( build_rc == 0 && HAVE_PYTEST == 1 )); then
   run_tests cpu 90 "not cuda and not slow"

@@ -94,3 +94,28 @@ def test_main_writes_table_markdown_and_plot(tmp_path, monkeypatch, variable, ba
     assert "- dtype: float32" in text and "- threads: " in text and "- SGEMM peak: " in text
     assert "{" not in text  # every header field was formatted
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cell_mode_writes_table_and_markdown(tmp_path, capsys):
+    markdown = tmp_path / "cell.md"
+    rows = benchmark.main(["--cell", "--shapes", "2,3,4,5", "1,6,8", "--rounds", "1", "--min-time", "0",
+                           "--markdown", str(markdown)])
+    assert [row.shape.label for row in rows] == ["2,3,4,5", "1,6,8,100"]
+    assert all(row.rounds == 1 and row.speedup("fwd") > 0 and row.speedup("fwd_bwd") > 0 for row in rows)
+    printed = capsys.readouterr().out
+    assert "fwd+bwd rnn_ext us/step" in printed and "2,3,4,5" in printed
+    text = markdown.read_text()
+    assert "| shape B,I,H,T | rounds | fwd nn us/step |" in text and "| 2,3,4,5 | 1 |" in text
+    assert "{" not in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cell", "--shapes", "1,2"], "cell shape '1,2'"),
+    (["--cell", "--shapes", "1,2,0"], "cell shape '1,2,0'"),
+    (["--cell", "--lengths"], "not allowed with argument"),
+    (["--cell", "--batch-first"], "--cell takes no --batch-first"),
+])
+def test_cell_mode_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
