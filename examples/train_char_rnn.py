@@ -139,6 +139,17 @@ class CharRNN(nn.Module):
         output, hidden = self.rnn(self.embedding(ids), hidden)
         return self.head(output), hidden
 
+    def step(self, ids, hidden):
+        """One character per row, ids [B] -> (logits [B, vocab], hidden [layers, B, H]): each layer
+        one rnn_ext.rnn_cell step on the RNN's own weights (the same names in nn.RNN and rnn_ext.RNN)."""
+        x = self.embedding(ids)
+        states = []
+        for layer in range(self.rnn.num_layers):
+            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            x = rnn_ext.rnn_cell(x, hidden[layer], *weights, nonlinearity=self.rnn.nonlinearity)
+            states.append(x)
+        return self.head(x), torch.stack(states)
+
 
 def model_config(vocab_size, hidden_size):
     """What a checkpoint records of the model's shape, to check against on --resume."""
@@ -292,17 +303,19 @@ def validation_loss(model, ids, seq_len, device, amp=False):
 @torch.no_grad()
 def sample_text(model, vocab, prompt, length, temperature, seed, device):
     """The prompt followed by ``length`` characters drawn one at a time from the model's
-    predictions (softmax of logits / temperature), carrying the RNN state along."""
+    predictions (softmax of logits / temperature), carrying the RNN state along: the prompt runs
+    through the RNN layer, each drawn character through one cell step per layer (CharRNN.step)."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = vocab.encode(prompt).to(device)[None]
     logits, hidden = model(ids)
+    logits = logits[:, -1]
     drawn = []
     for _ in range(length):
-        probabilities = torch.softmax(logits[0, -1].float() / temperature, dim=-1)
+        probabilities = torch.softmax(logits[0].float() / temperature, dim=-1)
         next_id = torch.multinomial(probabilities, 1, generator=generator)
         drawn.append(int(next_id))
-        logits, hidden = model(next_id[None], hidden)
+        logits, hidden = model.step(next_id, hidden)
     model.train()
     return prompt + vocab.decode(drawn)
 

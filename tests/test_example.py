@@ -154,3 +154,20 @@ def test_cuda_matches_cpu_and_amp_runs():
     torch.testing.assert_close(cuda_run.losses, cpu_run.losses, rtol=0, atol=1e-3)
     amp_run = run_example("--steps", 4, "--device", "cuda", "--amp")
     assert all(math.isfinite(loss) for loss in amp_run.losses)
+
+
+@pytest.mark.parametrize("impl", ["rnn_ext", "torch"])
+def test_sampling_steps_match_the_layer(impl):
+    # sample_text feeds each drawn character through CharRNN.step (rnn_ext.rnn_cell per layer on
+    # the RNN's weights): step by step, it must give the layer's logits and state.
+    example = load_example()
+    torch.manual_seed(0)
+    model = example.CharRNN(vocab_size=11, hidden_size=16, impl=impl).eval()
+    ids = torch.randint(0, 11, (2, 7))
+    with torch.no_grad():
+        logits, hidden = model(ids)
+        _, state = model(ids[:, :1])
+        for t in range(1, 7):
+            step_logits, state = model.step(ids[:, t], state)
+            torch.testing.assert_close(step_logits, logits[:, t])
+    torch.testing.assert_close(state, hidden)
