@@ -233,8 +233,10 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autograd(
 // as differentiable ATen ops instead, whose graph reaches the inputs through the saved output.
 class RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
  public:
-  // Forward arguments by index, and the autograd edge of each present tensor (absent biases have none).
-  static constexpr int kInput = 0, kHx = 1, kWIh = 2, kWHh = 3, kBIh = 4, kBHh = 5, kArgs = 7;
+  // Forward arguments by index (b_ih = 4, b_hh = 5 follow w_hh, then relu). Only present tensors
+  // take an autograd edge, but the biases come last and are given together or not at all, so a
+  // present tensor's edge index equals its argument index.
+  static constexpr int kInput = 0, kHx = 1, kWIh = 2, kArgs = 7;
 
   static const c10::TypedOperatorHandle<at::Tensor(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,

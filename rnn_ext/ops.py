@@ -107,10 +107,19 @@ def _check_same_kind(input, named_tensors):
 
 @torch.library.register_fake("rnn_ext::rnn_cell")
 def _rnn_cell_fake(input, hx, w_ih, w_hh, b_ih, b_hh, relu):
+    # The checks of check_cell_args (csrc/cell.cpp), so that a traced graph fails where the op would.
     torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D [batch, input_size], got {input.dim()}-D")
+    torch._check(input.dtype.is_floating_point, lambda: f"rnn_ext: input must be a floating point tensor, got {input.dtype}")
     torch._check(hx.dim() == 2, lambda: f"rnn_ext: hx must be 2-D [batch, hidden_size], got {hx.dim()}-D")
+    torch._check(w_ih.dim() == 2 and w_hh.dim() == 2, lambda: "rnn_ext: w_ih and w_hh must be 2-D")
+    torch._check((b_ih is None) == (b_hh is None), lambda: "rnn_ext: b_ih and b_hh must be given together")
     _check_same_kind(input, (("hx", hx), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)))
-    hidden, input_size = w_ih.shape
+    hidden, input_size = w_hh.shape[0], w_ih.shape[1]
+    torch._check(w_ih.shape == (hidden, input_size) and w_hh.shape == (hidden, hidden),
+                 lambda: f"rnn_ext: w_ih must be [H, I] and w_hh [H, H], got {tuple(w_ih.shape)} and {tuple(w_hh.shape)}")
+    for name, bias in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if bias is not None:
+            torch._check(bias.shape == (hidden,), lambda: f"rnn_ext: {name} must have shape [{hidden}]")
     torch._check(input.shape[1] == input_size, lambda: "rnn_ext: input has inconsistent input_size")
     torch._check(hx.shape == (input.shape[0], hidden), lambda: "rnn_ext: hx must be [batch, hidden_size]")
     return input.new_empty((input.shape[0], hidden))

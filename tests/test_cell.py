@@ -410,3 +410,47 @@ def test_large_weight_gradients_across_steps_and_calls():
     expected = ops.rnn_cell_backward(randn(1, 192) * 0, x, h, [w_ih, w_hh], False, output, [False, False, True])[2]
     assert all(float(g.abs().max()) == 0 for g in expected)
     assert all(float(w.abs().max()) > 0 for grads in kept for w in grads)  # not overwritten by the later calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 8, 16])
+def test_threaded_steps_and_reused_buffers_in_a_bptt_loop(batch, dtype):
+    # I = H = 256: both products and both gradient pairs run on two threads (2^17 multiply-adds
+    # and more), and the weight gradients come from the reused buffers, step after step.
+    torch.manual_seed(14)
+    ours, theirs = make_cells(256, 256, dtype=torch.float32)
+    ours.to(dtype), theirs.to(dtype)
+    xs = torch.randn(3, batch, 256, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(batch, 256, dtype=dtype)
+    grads = torch.randn(3, batch, 256, dtype=dtype)
+    results = []
+    for cell in (ours, theirs):
+        h, outputs = h0, []
+        for t in range(3):
+            h = cell(xs[t], h)
+            outputs.append(h)
+        outputs = torch.stack(outputs)
+        results.append([outputs, *torch.autograd.grad((outputs * grads).sum(), [xs, *cell.parameters()])])
+    tolerance = dict(rtol=1e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.5)
+    torch.testing.assert_close(results[0], results[1], **tolerance)
+
+
+def test_relu_gradient_passes_through_nan_as_nn_rnncell():
+    for batch in (1, 12):  # both CPU paths
+        ours, theirs = make_cells(3, 4, nonlinearity="relu")
+        x = torch.full((batch, 3), float("nan"), dtype=torch.float64, requires_grad=True)
+        assert_cell_parity_nan = [torch.autograd.grad(cell(x).sum(), x)[0] for cell in (ours, theirs)]
+        torch.testing.assert_close(*assert_cell_parity_nan, equal_nan=True)
+
+
+def test_fake_kernel_checks_as_the_op():
+    x, h, w_ih, w_hh = randn(2, 3), randn(2, 5), randn(5, 3), randn(5, 5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, h, w_ih, w_hh)]
+        assert ops.rnn_cell(*fake, None, None, False).shape == (2, 5)
+        for args in ((fake[0], fake[1], fake[2], fake[2], None, None, False),       # w_hh not [H, H]
+                     (fake[0], fake[1], fake[2], fake[3], fake[0], None, False),    # one bias
+                     (fake[1], fake[1], fake[2], fake[3], None, None, False)):      # input_size
+            with pytest.raises(RuntimeError):
+                ops.rnn_cell(*args)

@@ -64,9 +64,10 @@ PARITY_SCRIPT = textwrap.dedent("""
             results.append([output, *torch.autograd.grad((output * grad_output).sum(), [x, *model.parameters()])])
         tolerance = {{}} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[0], results[1], **tolerance)
-    # RNNCell: its dot-product kernels (up to 8 rows) on vector tails and row pairs.
+    # RNNCell: its dot-product kernels (up to 8 rows) on vector tails, row pairs and two threads.
     for dtype in (torch.float64, torch.float32):
-        for batch, input_size, hidden, nonlinearity in ((1, 17, 33, "tanh"), (3, 40, 7, "relu"), (8, 64, 70, "tanh")):
+        cell_configs = ((1, 17, 33, "tanh"), (3, 40, 7, "relu"), (8, 64, 70, "tanh"), (1, 256, 256, "tanh"))
+        for batch, input_size, hidden, nonlinearity in cell_configs:  # the last one on two threads
             ours = rnn_ext.RNNCell(input_size, hidden, nonlinearity=nonlinearity, dtype=dtype)
             theirs = torch.nn.RNNCell(input_size, hidden, nonlinearity=nonlinearity, dtype=dtype)
             theirs.load_state_dict(ours.state_dict())

@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace rnn_ext::cpu {
 
 namespace {
@@ -46,18 +48,33 @@ at::Tensor rnn_cell_cpu(
   return h;
 }
 
-// A weight gradient's buffer, kept per thread and handed out again once nothing else holds it. In
+// Weight-gradient buffers, kept per thread and handed out again once nothing else holds them. In
 // a BPTT loop each step's weight gradients are added into the accumulated ones and dropped at
 // once; fresh buffers of a megabyte and more would make malloc grow and trim the heap at every
 // step, and fault the pages in again (measured: 350 page faults a step, 3x slower, at B=1, H=512).
-at::Tensor reusable_buffer(at::Tensor& cached, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  constexpr int64_t kMinElements = int64_t{1} << 15;  // smaller ones come and go in malloc's bins
-  const bool free_to_reuse = cached.defined() && cached.use_count() == 1 && cached.storage().use_count() == 1;
-  if (free_to_reuse && cached.sizes() == sizes && cached.dtype() == options.dtype()) return cached;
-  auto buffer = at::empty(sizes, options);
-  if (buffer.numel() >= kMinElements) cached = buffer;
-  return buffer;
-}
+// The cache keeps a few buffers (two per cell of a stack of two) of bounded size: smaller ones come
+// and go in malloc's bins, larger ones are rare and not worth holding on to.
+class GradBufferCache {
+ public:
+  at::Tensor get(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    for (const auto& cached : buffers_) {
+      const bool free_to_reuse = cached.use_count() == 1 && cached.storage().use_count() == 1;
+      if (free_to_reuse && cached.sizes() == sizes && cached.dtype() == options.dtype()) return cached;
+    }
+    auto buffer = at::empty(sizes, options);
+    if (buffer.nbytes() >= kMinBytes && buffer.nbytes() <= kMaxBytes) {
+      if (buffers_.size() == kBuffers) buffers_.erase(buffers_.begin());  // the oldest goes
+      buffers_.push_back(buffer);
+    }
+    return buffer;
+  }
+
+ private:
+  static constexpr size_t kBuffers = 4;
+  static constexpr size_t kMinBytes = size_t{1} << 17;
+  static constexpr size_t kMaxBytes = size_t{1} << 24;
+  std::vector<at::Tensor> buffers_;
+};
 
 // grad_z [B, H] = grad_h * act'(output), and grad_b [H] (its column sums) when wanted.
 template <typename scalar_t>
@@ -65,7 +82,8 @@ void grad_pre_activation(
     const scalar_t* grad_h, const scalar_t* y, int64_t rows, int64_t cols, bool relu, scalar_t* grad_z,
     scalar_t* grad_b) {
   for (int64_t i = 0; i < rows * cols; ++i) {
-    grad_z[i] = relu ? (y[i] > scalar_t(0) ? grad_h[i] : scalar_t(0)) : grad_h[i] * (scalar_t(1) - y[i] * y[i]);
+    // relu: as threshold_backward (the ATen path's), which passes the gradient where y is NaN.
+    grad_z[i] = relu ? (y[i] <= scalar_t(0) ? scalar_t(0) : grad_h[i]) : grad_h[i] * (scalar_t(1) - y[i] * y[i]);
   }
   if (grad_b == nullptr) return;
   for (int64_t j = 0; j < cols; ++j) grad_b[j] = scalar_t(0);
@@ -79,10 +97,10 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_cell_backward_cp
   const CellSizes s = check_cell_backward_args(grad_h, input, hx, weights, output);
   const auto dtype = input.scalar_type();
   const auto options = input.options();
-  thread_local at::Tensor cached_grad_w_ih, cached_grad_w_hh;
+  thread_local GradBufferCache cache;
   const auto weight_grad_buffers = [&]() -> std::array<at::Tensor, 2> {
     if (!output_mask[2]) return {};
-    return {reusable_buffer(cached_grad_w_ih, {s.H, s.I}, options), reusable_buffer(cached_grad_w_hh, {s.H, s.H}, options)};
+    return {cache.get({s.H, s.I}, options), cache.get({s.H, s.H}, options)};
   };
   // (An empty batch too: its weight gradients are zeros, which the ATen GEMMs write.)
   if (s.B == 0 || s.B > kDotMaxRows || (dtype != at::kFloat && dtype != at::kDouble)) {

@@ -140,12 +140,12 @@ template <typename scalar_t>
 void dot_grad(const DotGradJob<scalar_t>& job) {
   const IsaKernels<scalar_t>& k = kernels<scalar_t>();
   if (job.rows * job.cols * (job.depth1 + job.depth2) < kParallelMinMacs) {
-    k.dot_grad(job, 0);
-    k.dot_grad(job, 1);
+    k.dot_grad_pair(job, 0);
+    k.dot_grad_pair(job, 1);
     return;
   }
   at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t operand = begin; operand < end; ++operand) k.dot_grad(job, operand);
+    for (int64_t operand = begin; operand < end; ++operand) k.dot_grad_pair(job, operand);
   });
 }
 

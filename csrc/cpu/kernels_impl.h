@@ -464,7 +464,7 @@ void dot_grad_operand(
 }
 
 template <typename scalar_t>
-void dot_grad(const DotGradJob<scalar_t>& job, int64_t operand) {
+void dot_grad_pair(const DotGradJob<scalar_t>& job, int64_t operand) {
   if (operand == 0) {
     dot_grad_operand(job.rows, job.cols, job.grad_z, job.a1, job.depth1, job.w1, job.grad_a1, job.grad_w1);
   } else {
@@ -475,7 +475,7 @@ void dot_grad(const DotGradJob<scalar_t>& job, int64_t operand) {
 template <typename scalar_t>
 IsaKernels<scalar_t> kernels() {
   return {kPanelWidth<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>, &dot_columns<scalar_t>,
-          &dot_grad<scalar_t>};
+          &dot_grad_pair<scalar_t>};
 }
 
 }  // namespace

@@ -63,9 +63,10 @@ struct DotJob {
   Epilogue epilogue;  // kNone, kTanh or kRelu
 };
 
-// The gradients of a DotJob for a few rows, in one pass over the weights' rows (rnn_cell_backward):
-// grad_a = grad_z @ W (a sum of W's rows, scaled), grad_w = grad_z^T a (each row of grad_w a
-// combination of a's rows), for the operand pairs (a1, W1) and (a2, W2). Any output may be nullptr.
+// The gradients of a DotJob for a few rows (rnn_cell_backward), W read as stored: grad_a = grad_z @ W
+// (per row of grad_a, a combination of W's rows, accumulated in registers), then grad_w = grad_z^T a
+// (each row of grad_w a combination of a's rows, written once), for the operand pairs (a1, W1) and
+// (a2, W2). Any output may be nullptr.
 template <typename scalar_t>
 struct DotGradJob {
   int64_t rows, cols;
@@ -94,7 +95,7 @@ struct IsaKernels {
   // Columns [begin, end) of a DotJob, every row; split the columns in multiples of 8 to run in parallel.
   void (*dot_columns)(const DotJob<scalar_t>& job, int64_t begin, int64_t end);
   // The gradients of operand pair 0 (a1, W1) or 1 (a2, W2) of a DotGradJob: the pairs are independent.
-  void (*dot_grad)(const DotGradJob<scalar_t>& job, int64_t operand);
+  void (*dot_grad_pair)(const DotGradJob<scalar_t>& job, int64_t operand);
 };
 
 IsaKernels<float> avx512_kernels_f32();
