@@ -38,8 +38,7 @@ CellSizes check_cell_args(
 at::Tensor cell_forward_aten(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool relu) {
-  const CellSizes s = check_cell_args(input, hx, w_ih, w_hh, b_ih, b_hh);
-  at::Tensor h = s.has_bias ? at::addmm(*b_ih + *b_hh, input, w_ih.t()) : at::mm(input, w_ih.t());
+  at::Tensor h = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, input, w_ih.t()) : at::mm(input, w_ih.t());
   h.addmm_(hx, w_hh.t());
   return relu ? h.relu_() : h.tanh_();
 }
@@ -62,7 +61,6 @@ CellSizes check_cell_backward_args(
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_backward(
     const at::Tensor& grad_h, const at::Tensor& input, const at::Tensor& hx, at::TensorList weights, bool relu,
     const at::Tensor& output, std::array<bool, 3> output_mask, std::array<at::Tensor, 2> grad_w_out) {
-  const CellSizes s = check_cell_backward_args(grad_h, input, hx, weights, output);
   // relu' from relu's output: output > 0 exactly where the pre-activation was.
   const auto grad_z = relu ? at::threshold_backward(grad_h, output, 0) : at::tanh_backward(grad_h, output);
   const auto skipped = [&] { return at::empty({0}, input.options()); };  // one each: outputs must not alias
@@ -72,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> cell_backward(
       return out.defined() ? at::mm_out(const_cast<at::Tensor&>(out), a, b) : at::mm(a, b);
     };
     grad_weights = {into(grad_w_out[0], grad_z.t(), input), into(grad_w_out[1], grad_z.t(), hx)};
-    if (s.has_bias) {
+    if (weights.size() == 4) {
       const auto grad_b = grad_z.sum(0);
       grad_weights.push_back(grad_b);
       grad_weights.push_back(grad_b.clone());  // op outputs must not alias

@@ -256,6 +256,7 @@ CellSizes check_cell_args(
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh);
 
 // rnn_cell from ATen ops (two GEMMs into one buffer, the activation in place), on any device.
+// The caller has checked the arguments (check_cell_args), as for cell_backward (check_cell_backward_args).
 at::Tensor cell_forward_aten(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool relu);

@@ -70,16 +70,20 @@ def run_layer(input, hx, weights, batch_sizes, relu, lengths=None):
     return rnn_layer(*layer_args(input, hx, weights, batch_sizes, relu, lengths))
 
 
-@torch.library.register_fake("rnn_ext::rnn_layer")
-def _rnn_layer_fake(input, hx, *args):
-    torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
-    torch._check(hx.dim() == 3, lambda: f"rnn_ext: hx must be 3-D, got {hx.dim()}-D")
-    for name, t in (("hx", hx), *zip(WEIGHT_SLOT_NAMES, args[:WEIGHT_SLOTS])):
+def _check_same_kind(input, named_tensors):
+    for name, t in named_tensors:
         if t is not None:
             torch._check(
                 t.device == input.device and t.dtype == input.dtype,
                 lambda: f"rnn_ext: {name} must have the input's dtype and device, got {t.dtype} on {t.device}",
             )
+
+
+@torch.library.register_fake("rnn_ext::rnn_layer")
+def _rnn_layer_fake(input, hx, *args):
+    torch._check(input.dim() == 2, lambda: f"rnn_ext: input must be 2-D, got {input.dim()}-D")
+    torch._check(hx.dim() == 3, lambda: f"rnn_ext: hx must be 3-D, got {hx.dim()}-D")
+    _check_same_kind(input, (("hx", hx), *zip(WEIGHT_SLOT_NAMES, args[:WEIGHT_SLOTS])))
     directions, batch, hidden = hx.shape
     output = input.new_empty((input.shape[0], directions * hidden))
     h_n = input.new_empty((directions, batch, hidden))
@@ -94,15 +98,6 @@ def _rnn_layer_backward_fake(
     grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights
-
-
-def _check_same_kind(input, named_tensors):
-    for name, t in named_tensors:
-        if t is not None:
-            torch._check(
-                t.device == input.device and t.dtype == input.dtype,
-                lambda: f"rnn_ext: {name} must have the input's dtype and device, got {t.dtype} on {t.device}",
-            )
 
 
 @torch.library.register_fake("rnn_ext::rnn_cell")

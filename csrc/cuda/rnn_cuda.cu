@@ -310,6 +310,7 @@ class CudaBackend {
 at::Tensor rnn_cell_cuda(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh, bool relu) {
+  check_cell_args(input, hx, w_ih, w_hh, b_ih, b_hh);
   const c10::cuda::CUDAGuard guard(input.device());
   return cell_forward_aten(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
 }
@@ -317,6 +318,7 @@ at::Tensor rnn_cell_cuda(
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> rnn_cell_backward_cuda(
     const at::Tensor& grad_h, const at::Tensor& input, const at::Tensor& hx, at::TensorList weights, bool relu,
     const at::Tensor& output, std::array<bool, 3> output_mask) {
+  check_cell_backward_args(grad_h, input, hx, weights, output);
   const c10::cuda::CUDAGuard guard(input.device());
   return cell_backward(grad_h, input, hx, weights, relu, output, output_mask);
 }
