@@ -16,6 +16,7 @@ loss and characters/s, then prints a generated sample and the validation loss::
     python examples/train_char_rnn.py --steps 400 --resume ckpt.pt
     python examples/train_char_rnn.py --amp                  # CPU: bfloat16 autocast
     python examples/train_char_rnn.py --device cuda --amp    # CUDA: float16 autocast + GradScaler
+    torchrun --nproc_per_node=2 examples/train_char_rnn.py   # DistributedDataParallel, 2 processes
 
 For the same ``--seed`` both implementations start from the same weights (the RNN's are drawn by
 ``torch.nn.RNN`` and copied into ``rnn_ext.RNN``) and see the same batches, so their losses agree
@@ -23,16 +24,26 @@ up to float rounding. A checkpoint holds the model's ``state_dict`` (the same ke
 implementations: one written with ``--impl rnn_ext`` loads into the model built with
 ``torch.nn.RNN``), the optimizer, the step, the loss history and the batch sampler's state, so a
 resumed run continues the same sequence of batches.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process trains the model wrapped in
+``DistributedDataParallel`` (gloo on the CPU, NCCL on CUDA, one GPU per process): every rank draws
+the same global batch of ``--batch-size`` windows and trains on its own equal share of them, and
+DDP averages the gradients, so the run takes the same steps, and logs the same losses, as one
+process training on the whole batch. Rank 0 alone shows progress, saves, evaluates and samples.
 """
 import argparse
 import contextlib
+import gc
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import rnn_ext
@@ -156,6 +167,69 @@ def model_config(vocab_size, hidden_size):
     return {"vocab_size": vocab_size, "hidden_size": hidden_size, "embedding_size": EMBEDDING_SIZE, "num_layers": NUM_LAYERS}
 
 
+# -- distributed training (torchrun) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job; rank 0 of 1 when the script runs on its own."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where this process's collectives run
+
+    @property
+    def active(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        """Whether this process logs, saves, evaluates and samples."""
+        return self.rank == 0
+
+    def shard(self, batch):
+        """This rank's equal share of the rows of a global batch [batch_size, ...]."""
+        per_rank = batch.size(0) // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def mean(self, value):
+        """A float averaged over the ranks (the global batch's loss from the shards' losses)."""
+        if not self.active:
+            return value
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
+
+    def wrap(self, model):
+        """The model as this process trains it: in DistributedDataParallel when distributed."""
+        if not self.active:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+
+def start_distributed(device):
+    """Join the torchrun job this process belongs to (WORLD_SIZE > 1): gloo on the CPU, NCCL on
+    CUDA with this process's GPU, cuda:LOCAL_RANK. Returns (Distributed, the device to train on)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(device=device), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), device), device
+
+
+def stop_distributed():
+    """Leave the torchrun job. The DDP wrappers (freed only by the cycle collector) and then the
+    process group are freed here, while Python is alive: a gloo thread that drops its last work
+    item during interpreter shutdown aborts the process ("terminate called without an active
+    exception"), now and then, with torch.nn.RNN as with rnn_ext.RNN."""
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
 # -- training -----------------------------------------------------------------------------------
 
 
@@ -230,11 +304,13 @@ def restore_checkpoint(path, run, optimizer, scaler, batch_generator):
     run.losses = list(checkpoint["losses"])
 
 
-def train(args, impl, progress=True):
+def train(args, impl, progress=True, distributed=Distributed()):
     """Train (or, with args.resume, continue training) the model on ``impl`` up to args.steps steps.
 
     Model weights come from args.seed, batches from a generator seeded with args.seed too, so
-    two runs with the same seed and arguments see the same weights and the same batches.
+    two runs with the same seed and arguments see the same weights and the same batches. Under
+    torchrun each rank trains on its shard of every batch (see Distributed); the losses recorded
+    are the whole batch's.
     """
     device = torch.device(args.device)
     text = load_text()
@@ -243,6 +319,7 @@ def train(args, impl, progress=True):
 
     torch.manual_seed(args.seed)
     model = CharRNN(vocab.size, args.hidden_size, impl=impl).to(device)
+    trained = distributed.wrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and AMP_DTYPES[device.type] == torch.float16)
     batch_generator = torch.Generator().manual_seed(args.seed)
@@ -251,11 +328,13 @@ def train(args, impl, progress=True):
         restore_checkpoint(args.resume, run, optimizer, scaler, batch_generator)
 
     model.train()
-    bar = tqdm(total=args.steps, initial=run.step, desc=impl, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=run.step, desc=impl, unit="step",
+               disable=not (progress and distributed.is_main), dynamic_ncols=True)
     start = time.perf_counter()
     while run.step < args.steps:
         inputs, targets = random_windows(train_ids, args.batch_size, args.seq_len, batch_generator)
-        loss = training_step(model, optimizer, scaler, inputs.to(device), targets.to(device), device, args.amp)
+        shard_inputs, shard_targets = distributed.shard(inputs).to(device), distributed.shard(targets).to(device)
+        loss = distributed.mean(training_step(trained, optimizer, scaler, shard_inputs, shard_targets, device, args.amp))
         run.losses.append(loss)
         run.step += 1
         run.characters += inputs.numel()
@@ -263,7 +342,7 @@ def train(args, impl, progress=True):
         bar.set_postfix({"loss": f"{loss:.3f}", "chars/s": f"{run.chars_per_second:,.0f}"}, refresh=False)
         bar.update()
     bar.close()
-    if args.save:
+    if args.save and distributed.is_main:
         save_checkpoint(args.save, run, optimizer, scaler, batch_generator)
     return run
 
@@ -388,6 +467,9 @@ def check_args(parser, args):
     for name in ("steps", "batch_size", "seq_len", "hidden_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size}: torchrun runs {world_size} processes; the batch must split evenly")
     if args.sample_length < 0 or args.temperature <= 0:
         parser.error("--sample-length must be >= 0 and --temperature > 0")
     try:
@@ -427,21 +509,34 @@ def report(run, temperature, total_seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    distributed, device = start_distributed(torch.device(args.device))
+    args.device = str(device)
+    try:
+        return run_and_report(args, device, distributed)
+    finally:
+        if distributed.active:
+            stop_distributed()
+
+
+def run_and_report(args, device, distributed):
+    """Train; on rank 0 evaluate, sample and report. With --plot, then train the other implementation
+    too (every rank) and plot both (rank 0)."""
     started = time.perf_counter()
-    run = train(args, args.impl)
-    _, validation_ids = split_train_validation(run.vocab.encode(load_text()))
-    run.val_loss = validation_loss(run.model, validation_ids, args.seq_len, device, args.amp)
-    run.sample = sample_text(run.model, run.vocab, args.prompt, args.sample_length, args.temperature, args.seed, device)
-    report(run, args.temperature, time.perf_counter() - started)
+    run = train(args, args.impl, distributed=distributed)
+    if distributed.is_main:
+        _, validation_ids = split_train_validation(run.vocab.encode(load_text()))
+        run.val_loss = validation_loss(run.model, validation_ids, args.seq_len, device, args.amp)
+        run.sample = sample_text(run.model, run.vocab, args.prompt, args.sample_length, args.temperature, args.seed, device)
+        report(run, args.temperature, time.perf_counter() - started)
     if args.plot:
         other_impl = next(impl for impl in IMPLEMENTATIONS if impl != args.impl)
-        other = train(argparse.Namespace(**{**vars(args), "save": None}), other_impl)
-        plot_loss_curves(args.plot, [run, other])
-        steps = min(len(run.losses), len(other.losses))
-        gap = max(abs(a - b) for a, b in zip(run.losses[:steps], other.losses[:steps]))
-        print(f"{other_impl}: {other.chars_per_second:,.0f} chars/s; largest loss difference over "
-              f"{steps} steps: {gap:.2e}; plot written to {args.plot}")
+        other = train(argparse.Namespace(**{**vars(args), "save": None}), other_impl, distributed=distributed)
+        if distributed.is_main:
+            plot_loss_curves(args.plot, [run, other])
+            steps = min(len(run.losses), len(other.losses))
+            gap = max(abs(a - b) for a, b in zip(run.losses[:steps], other.losses[:steps]))
+            print(f"{other_impl}: {other.chars_per_second:,.0f} chars/s; largest loss difference over "
+                  f"{steps} steps: {gap:.2e}; plot written to {args.plot}")
     return run
 
 

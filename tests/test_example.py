@@ -1,6 +1,7 @@
 """examples/train_char_rnn.py, run for a few steps at tiny sizes: it learns, its checkpoints resume
 where they stopped and load into the model built with torch.nn.RNN, rnn_ext and torch.nn.RNN give
-the same losses for the same seed, --amp runs on the CPU, and the script runs from the command line.
+the same losses for the same seed, --amp runs on the CPU, the script runs from the command line, and
+under torchrun (two processes, DDP) it trains as one process does on the whole batch.
 
 The example is not part of the installed package: it is imported from its file next to tests/.
 """
@@ -144,6 +145,30 @@ def test_script_runs_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "validation loss:" in result.stdout
     assert "rnn_ext: 100%" in result.stderr  # the tqdm progress bar
+
+
+def test_torchrun_two_processes_train_as_one_on_the_whole_batch(tmp_path):
+    # DDP over gloo: each rank trains on half of every batch of 8 windows; the logged losses and
+    # the trained weights are those of one process training on all 8.
+    single = run_example("--steps", 3, "--save", tmp_path / "single.pt")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(EXAMPLE_PATH),
+         *TINY, "--steps", "3", "--save", str(tmp_path / "ddp.pt")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=subprocess_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("validation loss:") == 1  # rank 0 alone reports
+    saved = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert saved["step"] == 3
+    torch.testing.assert_close(saved["losses"], single.losses, **SAME_LOSS_TOL)
+    torch.testing.assert_close(saved["model"], single.model.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_must_split_evenly_over_torchrun_processes(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        example.parse_args([*TINY])
+    assert "--batch-size 8: torchrun runs 3 processes" in capsys.readouterr().err
 
 
 @pytest.mark.cuda
