@@ -1,7 +1,8 @@
 """Times ``rnn_ext.RNN`` against ``torch.nn.RNN`` with the same weights, in one process
 (``--cell``: ``rnn_ext.RNNCell`` against ``torch.nn.RNNCell``, see ``rnn_ext.cell_benchmark``).
 
-Run ``python -m rnn_ext.benchmark --help``. For each shape both implementations get the
+Run ``rnn-ext-benchmark --help`` (the console command pip installs; ``python -m
+rnn_ext.benchmark`` is the same). For each shape both implementations get the
 same weights (``load_state_dict``) and the same inputs; each round times every variant once,
 alternating their order from round to round so that machine noise hits all of them; the
 table reports medians over rounds:
@@ -51,6 +52,7 @@ DTYPES = {
 }
 # Largest |rnn_ext - nn.RNN| forward difference accepted silently; above it a warning is printed.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 0.25, torch.float16: 0.05}
+TERMINAL_WIDTH = 100  # columns the printed table fits in
 PEAK_SIZE = 2048
 PEAK_SAMPLES = 5
 MIN_ROUNDS = 3
@@ -436,11 +438,20 @@ def _cells(rows):
     return [header for header, _ in columns], [[cell(row) for _, cell in columns] for row in rows]
 
 
-def render_table(headers, body):
-    """Header and rows of cell texts as an aligned plain-text table."""
+def render_table(headers, body, groups=()):
+    """Header and rows of cell texts as an aligned plain-text table. groups: (title, column count)
+    pairs in column order, each titling the run of columns below it on a line above the headers
+    (an empty title leaves its columns untitled)."""
     widths = [max(len(text) for text in column) for column in zip(headers, *body)]
     lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in [headers, *body]]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    if groups:
+        spans, first = [], 0
+        for title, count in groups:
+            span = sum(widths[first : first + count]) + 2 * (count - 1)
+            spans.append(f" {title} ".center(span, "-") if title else " " * span)
+            first += count
+        lines.insert(0, "  ".join(spans).rstrip())
     return "\n".join(lines)
 
 
@@ -451,9 +462,28 @@ def render_markdown_table(headers, body, text_columns=1):
     return "\n".join(lines)
 
 
-def format_table(rows):
-    """The results as an aligned plain-text table."""
-    return render_table(*_cells(rows))
+def format_terminal_table(rows):
+    """The table printed to the terminal, within TERMINAL_WIDTH columns: times and speedups (the
+    markdown table adds rounds, GFLOP/s, % peak and fill)."""
+    ratio = "vs dense" if any(row.packed for row in rows) else None
+    headers, groups = ["B,L,I,H,layers,bidir"], [("", 1)]
+    for mode in MODES:
+        headers += ["nn.RNN", "rnn_ext", "speedup"] + ([ratio] if ratio else [])
+        groups.append((f"{MODE_TITLES[mode]}, ms", 4 if ratio else 3))
+    body = []
+    for row in rows:
+        cells = [row.shape.label]
+        for mode in MODES:
+            cells += [_sig(1e3 * row.reference[mode]), _sig(1e3 * row.ours[mode]), f"{_sig(row.speedup(mode))}x"]
+            if ratio:
+                cells.append(f"{row.packed_ratio(mode):.2f}" if row.packed else "-")
+        body.append(cells)
+    notes = ["medians of interleaved rounds; speedup = nn.RNN time / rnn_ext time"]
+    if any(row.variable == "lengths" for row in rows):
+        notes.append("vs dense = rnn_ext with lengths= / rnn_ext on the same x without them")
+    elif ratio:
+        notes.append("vs dense = rnn_ext on the PackedSequence / rnn_ext on the same batch padded to L steps")
+    return "\n".join([render_table(headers, body, groups), *notes])
 
 
 def format_markdown_table(rows):
@@ -577,10 +607,32 @@ def benchmark_shape(shape, args, device, dtype, timer, on_round):
     return Row(shape, rounds, batch.tokens, results["reference"], results["ours"], padded, variable=variable)
 
 
-def progress_bar(total):
-    """A tqdm progress bar of ``total`` rounds on stderr."""
-    from tqdm import tqdm
+class LineProgress:
+    """A stand-in for tqdm when it is not installed: one line per shape on stderr."""
 
+    def __init__(self, total):
+        self.total, self.done = total, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, count=1):
+        self.done += count
+
+    def set_postfix_str(self, text):
+        print(f"[{self.done}/{self.total} rounds] {text}", file=sys.stderr, flush=True)
+
+
+def progress_bar(total):
+    """A progress bar of ``total`` rounds on stderr: tqdm's (pip install tqdm, or the [bench]
+    extra), else a line per shape."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return LineProgress(total)
     return tqdm(total=total, unit="round", file=sys.stderr, dynamic_ncols=True)
 
 
@@ -604,7 +656,7 @@ def run_benchmark(args, shapes, device):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m rnn_ext.benchmark",
+        prog="rnn-ext-benchmark",
         description="Time rnn_ext.RNN against torch.nn.RNN (same weights, interleaved rounds, medians).",
     )
     parser.add_argument(
@@ -646,7 +698,7 @@ def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "rnn_ext.benchmark", *argv])
+    args.command = shlex.join(["rnn-ext-benchmark", *argv])
     try:
         if args.cell:
             shapes = cell_benchmark.parse_cell_shapes(args.shapes or ["cell"])
@@ -675,12 +727,17 @@ def main(argv=None):
         return cell_benchmark.run_cell_benchmark(args, shapes, device)
     rows, peak_gflops = run_benchmark(args, shapes, device)
     print(f"SGEMM peak {peak_gflops:.1f} GFLOP/s; {args.dtype} on {device}, {torch.get_num_threads()} threads")
-    print(format_table(rows))
+    print(format_terminal_table(rows))
     if args.markdown:
         write_markdown(rows, args.markdown, run_info(args, device, peak_gflops))
     if args.plot:
         plot_speedups(rows, args.plot)
     return rows
+
+
+def console_main():
+    """The ``rnn-ext-benchmark`` command pip installs (main's rows are not an exit status)."""
+    main()
 
 
 if __name__ == "__main__":

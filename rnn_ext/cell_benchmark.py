@@ -1,4 +1,4 @@
-"""``python -m rnn_ext.benchmark --cell``: times Python loops over ``rnn_ext.RNNCell`` against the
+"""``rnn-ext-benchmark --cell``: times Python loops over ``rnn_ext.RNNCell`` against the
 same loops over ``torch.nn.RNNCell`` (same weights, same inputs), in one process.
 
 For each shape ``B,I,H[,T]`` both cells run a loop of T steps, ``h = cell(x[t], h)`` from a given
@@ -160,8 +160,16 @@ def cells(rows):
     return [header for header, _ in columns], [[cell(row) for _, cell in columns] for row in rows]
 
 
-def format_table(rows):
-    return layer_benchmark.render_table(*cells(rows))
+def format_terminal_table(rows):
+    """The printed table (within the layer benchmark's TERMINAL_WIDTH): times per step and speedups."""
+    headers, groups, body = ["B,I,H,T"], [("", 1)], [[row.shape.label] for row in rows]
+    for mode in layer_benchmark.MODES:
+        headers += ["nn.RNNCell", "rnn_ext", "speedup"]
+        groups.append((f"{layer_benchmark.MODE_TITLES[mode]}, us/step", 3))
+        for line, row in zip(body, rows):
+            line += [layer_benchmark._sig(row.per_step_us("reference", mode)),
+                     layer_benchmark._sig(row.per_step_us("ours", mode)), f"{layer_benchmark._sig(row.speedup(mode))}x"]
+    return layer_benchmark.render_table(headers, body, groups)
 
 
 def write_markdown(rows, path, args, device):
@@ -201,8 +209,8 @@ def run_cell_benchmark(args, shapes, device):
             bar.update(args.rounds - row.rounds)
             rows.append(row)
             gc.collect()
-    print(f"{args.dtype} on {device}, {torch.get_num_threads()} threads; microseconds per step")
-    print(format_table(rows))
+    print(f"{args.dtype} on {device}, {torch.get_num_threads()} threads; medians, microseconds per step")
+    print(format_terminal_table(rows))
     if args.markdown:
         write_markdown(rows, args.markdown, args, device)
     return rows

@@ -1,4 +1,6 @@
-"""Smoke test of ``python -m rnn_ext.benchmark`` and its shape parsing (no real timing)."""
+"""Smoke test of ``rnn-ext-benchmark`` (``python -m rnn_ext.benchmark``) and its shape parsing (no real timing)."""
+import sys
+
 import pytest
 import torch
 
@@ -103,7 +105,7 @@ def test_cell_mode_writes_table_and_markdown(tmp_path, capsys):
     assert [row.shape.label for row in rows] == ["2,3,4,5", "1,6,8,100"]
     assert all(row.rounds == 1 and row.speedup("fwd") > 0 and row.speedup("fwd_bwd") > 0 for row in rows)
     printed = capsys.readouterr().out
-    assert "fwd+bwd rnn_ext us/step" in printed and "2,3,4,5" in printed
+    assert "fwd+bwd, us/step" in printed and "2,3,4,5" in printed
     text = markdown.read_text()
     assert "| shape B,I,H,T | rounds | fwd nn us/step |" in text and "| 2,3,4,5 | 1 |" in text
     assert "{" not in text
@@ -119,3 +121,42 @@ def test_cell_mode_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(argv)
     assert message in capsys.readouterr().err
+
+
+def _row(shape, seconds, variable=None):
+    modes = benchmark.MODES
+    padded = {mode: seconds / 2 for mode in modes} if variable else None
+    return benchmark.Row(shape, 15, shape.batch * shape.seq_len, {mode: seconds for mode in modes},
+                         {mode: seconds / 3 for mode in modes}, padded, peak_gflops=100.0, variable=variable)
+
+
+@pytest.mark.parametrize("variable", [None, "packed", "lengths"])
+def test_terminal_table_fits_the_terminal_width(variable):
+    # The widest labels and times a run prints: a 6-field shape, times up to 999999 ms.
+    rows = [_row(Shape(1024, 10000, 4096, 4096, 12, True), 999.999, variable),
+            _row(Shape(1, 1, 1, 1), 1e-6, variable)]
+    table = benchmark.format_terminal_table(rows)
+    assert max(len(line) for line in table.splitlines()) <= benchmark.TERMINAL_WIDTH
+    assert "1024,10000,4096,4096,12,yes" in table and "999999" in table
+    assert ("vs dense" in table) == (variable is not None)
+    assert ("with lengths=" in table) == (variable == "lengths") and ("PackedSequence" in table) == (variable == "packed")
+
+
+def test_cell_terminal_table_fits_the_terminal_width():
+    from rnn_ext import cell_benchmark
+
+    row = cell_benchmark.CellRow(cell_benchmark.CellShape(1024, 4096, 4096, 10000), 15,
+                                 {"fwd": 99.0, "fwd_bwd": 999.0}, {"fwd": 33.0, "fwd_bwd": 333.0})
+    table = cell_benchmark.format_terminal_table([row])
+    assert max(len(line) for line in table.splitlines()) <= benchmark.TERMINAL_WIDTH
+    assert "1024,4096,4096,10000" in table
+
+
+def test_runs_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    monkeypatch.setattr(benchmark, "PEAK_SIZE", 64)
+    rows = benchmark.main(["--shapes", "2,5,3,4", "1,2,3,4", "--rounds", "2", "--min-time", "0"])
+    assert len(rows) == 2
+    captured = capsys.readouterr()
+    assert "[0/4 rounds] 2,5,3,4,1,no" in captured.err and "[2/4 rounds] 1,2,3,4,1,no" in captured.err
+    assert "speedup" in captured.out
