@@ -17,6 +17,16 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+# The oldest torch built and tested in CI (.ci/run's second stage); pyproject.toml's dependency
+# says the same. The sources need C++20 and torch.library APIs of recent releases.
+MIN_TORCH = "2.13"
+
+
+def check_torch_version():
+    if torch.__version__ < MIN_TORCH:
+        sys.exit(f"rnn_ext needs torch>={MIN_TORCH}; this environment has torch {torch.__version__}")
+
+
 def env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
@@ -88,6 +98,7 @@ def extension():
     return CUDAExtension(**kwargs)
 
 
+check_torch_version()
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

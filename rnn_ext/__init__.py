@@ -4,18 +4,48 @@
 ``rnn_ext.rnn`` and ``rnn_ext.rnn_cell`` are the functional forms; ``torch.ops.rnn_ext.rnn_layer``
 and ``torch.ops.rnn_ext.rnn_cell`` are the compiled ops underneath (see ``rnn_ext.ops``).
 """
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
 import torch
+
+
+def _installed_copy():
+    """The spec of another copy of this package on sys.path whose compiled extension is built (an
+    installed one), or None. Searched when this copy has none: a source checkout that shadows the
+    installed package, as at the repository root, where `python -m ...` puts the current
+    directory first on sys.path."""
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    others = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != source_root]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, others)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package_dir = spec.submodule_search_locations[0]
+    built = any(os.path.exists(os.path.join(package_dir, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+    return spec if built else None
+
 
 try:
     from . import _C  # noqa: F401  (registers the ops with the dispatcher)
-except ImportError as error:  # e.g. `python -c 'import rnn_ext'` in an unbuilt source checkout
-    raise ImportError(
-        f"rnn_ext's compiled extension rnn_ext._C is missing next to {__file__}: install the package "
-        "(pip install --no-build-isolation .) and import it from outside the source tree, or build "
-        "it in place (python setup.py build_ext --inplace)") from error
-from . import ops
-from .functional import rnn, rnn_cell
-from .module import RNN, RNNCell
+except ImportError as error:
+    _installed = _installed_copy()
+    if _installed is None:
+        raise ImportError(
+            f"rnn_ext's compiled extension rnn_ext._C is missing next to {__file__}: install the package "
+            "(pip install --no-build-isolation .), or build it in place (python setup.py build_ext --inplace)"
+        ) from error
+    # An unbuilt source tree shadows the installed package: load the installed one whole in its
+    # place (import returns what sys.modules holds), rather than this tree's Python on its binary.
+    _C = None
+    sys.modules[__name__] = importlib.util.module_from_spec(_installed)
+    _installed.loader.exec_module(sys.modules[__name__])
+
+if _C is not None:
+    from . import ops
+    from .functional import rnn, rnn_cell
+    from .module import RNN, RNNCell
 
 __all__ = ["RNN", "RNNCell", "rnn", "rnn_cell", "ops", "cuda_kernels_built", "cpu_isa"]
 __version__ = "0.1.0"

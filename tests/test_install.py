@@ -1,0 +1,101 @@
+"""The package as a user meets it after `pip install`: imported from the repository root (where an
+unbuilt source tree shadows the installed package), the console command the install adds, and
+the torch version it claims."""
+import importlib
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import rnn_ext
+from reference import subprocess_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(rnn_ext.__file__).resolve().parent  # the built package this process imported
+
+
+def pyproject():
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+
+
+@pytest.fixture
+def unbuilt_source_tree(tmp_path):
+    """A copy of the package's Python files without the compiled extension, as in a fresh clone."""
+    source = tmp_path / "checkout"
+    (source / "rnn_ext").mkdir(parents=True)
+    for path in PACKAGE_DIR.glob("*.py"):
+        shutil.copy(path, source / "rnn_ext" / path.name)
+    return source
+
+
+def run_python(args, cwd):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env=subprocess_env())
+
+
+def test_unbuilt_source_tree_on_the_path_loads_the_built_package_instead(unbuilt_source_tree):
+    # `python -c` and `python -m` put the current directory first on sys.path.
+    script = ("import rnn_ext, torch; out, h = rnn_ext.RNN(2, 3)(torch.randn(4, 1, 2)); "
+              "print(rnn_ext.__file__, tuple(out.shape), rnn_ext.ops.__file__)")
+    result = run_python(["-c", script], cwd=unbuilt_source_tree)
+    assert result.returncode == 0, result.stderr
+    init_file, shape, ops_file = result.stdout.split(" ", 1)[0], "(4, 1, 3)", str(PACKAGE_DIR / "ops.py")
+    assert Path(init_file).resolve() == PACKAGE_DIR / "__init__.py"
+    assert shape in result.stdout and ops_file in result.stdout  # the built copy's modules, not a mix
+
+
+def test_benchmark_module_runs_from_an_unbuilt_source_tree(unbuilt_source_tree):
+    result = run_python(["-m", "rnn_ext.benchmark", "--help"], cwd=unbuilt_source_tree)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: rnn-ext-benchmark")
+
+
+def test_benchmark_module_runs_from_the_repository_root():
+    # The README's commands run from the repository root: built in place there, or not.
+    result = run_python(["-m", "rnn_ext.benchmark", "--help"], cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--markdown FILE" in result.stdout
+
+
+def test_unbuilt_source_tree_with_no_built_copy_elsewhere_says_how_to_build(unbuilt_source_tree):
+    # Hide every other copy: the search for one (an explicit path list) finds nothing.
+    script = (
+        "import importlib.machinery as machinery, torch\n"
+        "find = machinery.PathFinder.find_spec\n"
+        "def only_here(name, path=None, target=None):\n"
+        "    return None if name == 'rnn_ext' and path is not None else find(name, path, target)\n"
+        "machinery.PathFinder.find_spec = only_here\n"
+        "import rnn_ext\n"
+    )
+    result = run_python(["-c", script], cwd=unbuilt_source_tree)
+    assert result.returncode != 0
+    assert "ImportError: rnn_ext's compiled extension rnn_ext._C is missing" in result.stderr
+    assert "pip install --no-build-isolation ." in result.stderr and "build_ext --inplace" in result.stderr
+
+
+def test_console_command_is_the_benchmark(monkeypatch, capsys):
+    target = pyproject()["project"]["scripts"]["rnn-ext-benchmark"]
+    module_name, function_name = target.split(":")
+    command = getattr(importlib.import_module(module_name), function_name)
+    monkeypatch.setattr(benchmark_module(), "PEAK_SIZE", 64)
+    monkeypatch.setattr(sys, "argv", ["rnn-ext-benchmark", "--shapes", "2,3,4,5", "--rounds", "1", "--min-time", "0"])
+    assert command() is None  # a console script's return value becomes its exit status
+    assert "2,3,4,5,1,no" in capsys.readouterr().out
+
+
+def benchmark_module():
+    return importlib.import_module("rnn_ext.benchmark")
+
+
+def test_claimed_torch_floor_is_the_one_setup_checks_and_this_torch_meets_it():
+    (dependency,) = [d for d in pyproject()["project"]["dependencies"] if d.startswith("torch")]
+    floor = dependency.removeprefix("torch>=")
+    setup_text = (REPO_ROOT / "setup.py").read_text()
+    assert f'MIN_TORCH = "{floor}"' in setup_text
+    assert torch.__version__ >= floor
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert f"torch=={floor}.0 " in ci  # CI tests the floor itself
