@@ -34,6 +34,7 @@ process training on the whole batch. Rank 0 alone shows progress, saves, evaluat
 import argparse
 import contextlib
 import gc
+import importlib.util
 import math
 import os
 import time
@@ -470,6 +471,8 @@ def check_args(parser, args):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count
     if args.batch_size % world_size:
         parser.error(f"--batch-size {args.batch_size}: torchrun runs {world_size} processes; the batch must split evenly")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib")
     if args.sample_length < 0 or args.temperature <= 0:
         parser.error("--sample-length must be >= 0 and --temperature > 0")
     try:

@@ -30,6 +30,7 @@ batch out as ``[B, L, ...]``.
 import argparse
 import datetime
 import gc
+import importlib.util
 import math
 import os
 import platform
@@ -708,6 +709,8 @@ def main(argv=None):
         parser.error(f"--shapes: {error}")
     if args.cell and (args.batch_first or args.plot):
         parser.error("--cell takes no --batch-first or --plot")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib (or the package's [bench] extra)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.threads is not None:

@@ -160,3 +160,10 @@ def test_runs_without_tqdm(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "[0/4 rounds] 2,5,3,4,1,no" in captured.err and "[2/4 rounds] 1,2,3,4,1,no" in captured.err
     assert "speedup" in captured.out
+
+
+def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark.importlib.util, "find_spec", lambda name: None)  # nothing installed
+    with pytest.raises(SystemExit):
+        benchmark.main(["--shapes", "2,5,3,4", "--plot", "x.png"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err

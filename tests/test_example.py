@@ -137,6 +137,13 @@ def test_plot_trains_both_implementations(tmp_path, capsys):
     assert "largest loss difference over 3 steps" in capsys.readouterr().out
 
 
+def test_plot_without_matplotlib_is_refused_before_training(monkeypatch, capsys):
+    monkeypatch.setattr(example.importlib.util, "find_spec", lambda name: None)  # nothing installed
+    with pytest.raises(SystemExit):
+        example.parse_args([*TINY, "--plot", "loss.png"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
 def test_script_runs_from_the_command_line(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLE_PATH), *TINY, "--steps", "2"],
