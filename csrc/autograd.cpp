@@ -7,12 +7,28 @@
 // This lives in C++ rather than in torch.library.register_autograd: at small shapes the Python
 // autograd wrapper (argument re-binding, redispatch, Python forward/backward frames) cost more
 // than the whole recurrence, e.g. 2/3 of forward+backward at B=1, L=100, H=32.
+//
+// A C++ autograd Function supports neither forward-mode AD nor functorch's differentiating
+// transforms (torch.func.grad, vjp, jvp, jacrev, jacfwd, hessian, functionalize). Calls under
+// those run the op as differentiable ATen ops instead (composite_layer, composite_cell), which
+// every transform and forward-mode AD know, to any order. Under vmap the Function serves: the
+// batching rules (rnn_ext/batching.py) call the op on plain tensors, where autograd records it as
+// it records ATen ops there.
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "rnn.h"
+
+// From ATen/functorch/DynamicLayer.h (exported by libtorch_cpu), which cannot be included here: it
+// needs headers the torch wheel does not ship. The switch that lets a single-level autograd
+// Function run while functorch transforms are active.
+namespace at::functorch {
+TORCH_API void setSingleLevelAutogradFunctionAllowed(bool allowed);
+TORCH_API bool getSingleLevelAutogradFunctionAllowed();
+}  // namespace at::functorch
 
 namespace rnn_ext {
 
@@ -73,6 +89,70 @@ std::optional<at::Tensor> as_optional(const at::Tensor& t) {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
+// Whether a functorch transform (vmap, grad, jvp, ...) is active: functorch includes its
+// dynamic-layer dispatch keys in the thread's dispatch key set exactly while its stack is not empty.
+bool functorch_active() {
+  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
+
+// Whether an argument is wrapped by a functorch transform that differentiates (grad, vjp, jvp, ...)
+// or functionalizes, or carries a forward-mode tangent: then the op must run as differentiable
+// ATen ops (see the top of this file).
+bool needs_composite(std::initializer_list<const at::Tensor*> args) {
+  const bool transforms = functorch_active();
+  const c10::DispatchKeySet wrapped{c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize};
+  for (const at::Tensor* t : args) {
+    if (t == nullptr || !t->defined()) continue;
+    if ((transforms && t->key_set().has_any(wrapped)) || t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+// A CPU tensor of host values (at::tensor, row_index) made while functorch transforms run. It is
+// made outside them: they would wrap the new tensor before its values are written, and a wrapper
+// has no storage to write to.
+at::Tensor host_tensor(const RowSet& rows) {
+  c10::impl::ExcludeDispatchKeyGuard outside_functorch(c10::DispatchKeySet{
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  return row_index(rows);
+}
+
+// batch_sizes or lengths as a plain CPU tensor. functorch's transforms wrap every tensor argument
+// of an op, these integer ones too, and a wrapper has no storage to read: item() reaches the
+// wrapped values through the dispatcher.
+OptionalTensor plain_integers(const OptionalTensor& t) {
+  if (!t.has_value() || t->has_storage()) return t;
+  std::vector<int64_t> values(t->numel());
+  for (int64_t i = 0; i < t->numel(); ++i) values[i] = (*t)[i].item().toLong();
+  return host_tensor({t->numel(), values.data()});
+}
+
+const at::Tensor* present(const OptionalTensor& t) {
+  return t.has_value() ? &*t : nullptr;
+}
+
+// Lets the C++ Functions record while functorch transforms are active (refused by default) on
+// arguments no transform wraps: those of the batching rules (rnn_ext/batching.py), which call the
+// op on plain tensors, and constants. Autograd records them at level 0, as it records ATen ops.
+class AllowFunctionUnderTransforms {
+ public:
+  AllowFunctionUnderTransforms() : active_(functorch_active()) {
+    if (active_) {
+      previous_ = at::functorch::getSingleLevelAutogradFunctionAllowed();
+      at::functorch::setSingleLevelAutogradFunctionAllowed(true);
+    }
+  }
+  ~AllowFunctionUnderTransforms() {
+    if (active_) at::functorch::setSingleLevelAutogradFunctionAllowed(previous_);
+  }
+  AllowFunctionUnderTransforms(const AllowFunctionUnderTransforms&) = delete;
+  AllowFunctionUnderTransforms& operator=(const AllowFunctionUnderTransforms&) = delete;
+
+ private:
+  bool active_;
+  bool previous_ = false;
+};
+
 // rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h), walking
 // time through the same StepSchedule as the kernels. A padded batch runs on its real rows only,
 // gathered in step order, and its output is scattered back into the padded layout; its states
@@ -85,12 +165,12 @@ std::tuple<at::Tensor, at::Tensor> composite_layer(
   if (runs_no_step(steps)) {
     return no_step_forward(input, hx, s);
   }
-  const auto owned = steps.padded() ? row_index(steps.step_rows()).to(input.device()) : at::Tensor();
+  const auto owned = steps.padded() ? host_tensor(steps.step_rows()).to(input.device()) : at::Tensor();
   const auto x = steps.padded() ? input.index_select(0, owned) : input;  // [rows the steps own, I]
   const auto act = [relu](const at::Tensor& z) { return relu ? at::relu(z) : at::tanh(z); };
   at::Tensor order;  // [B]: the batch row at each of the schedule's row positions; undefined: in place
   if (steps.order() != nullptr) {
-    order = row_index({s.B, steps.order()}).to(input.device());
+    order = host_tensor({s.B, steps.order()}).to(input.device());
   }
   const auto hx_in_order = order.defined() ? hx.index_select(1, order) : hx;
   std::vector<at::Tensor> outputs, h_n;
@@ -222,6 +302,13 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autograd(
     const OptionalTensor& b_ih, const OptionalTensor& b_hh, const OptionalTensor& w_ih_reverse,
     const OptionalTensor& w_hh_reverse, const OptionalTensor& b_ih_reverse, const OptionalTensor& b_hh_reverse,
     const OptionalTensor& batch_sizes, bool relu, const OptionalTensor& lengths) {
+  if (needs_composite({&input, &hx, &w_ih, &w_hh, present(b_ih), present(b_hh), present(w_ih_reverse),
+                       present(w_hh_reverse), present(b_ih_reverse), present(b_hh_reverse)})) {
+    const auto weights =
+        flat_weights(w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse);
+    return composite_layer(input, hx, weights, plain_integers(batch_sizes), relu, plain_integers(lengths));
+  }
+  AllowFunctionUnderTransforms allow;
   const auto result = RnnLayerFunction::apply(
       input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu,
       lengths);
@@ -295,16 +382,26 @@ class RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
   }
 };
 
+// rnn_cell written with differentiable ATen ops, as nn.RNNCell computes it.
+at::Tensor composite_cell(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const OptionalTensor& b_ih, const OptionalTensor& b_hh, bool relu) {
+  check_cell_args(input, hx, w_ih, w_hh, b_ih, b_hh);
+  const auto z = at::linear(input, w_ih, b_ih) + at::linear(hx, w_hh, b_hh);
+  return relu ? at::relu(z) : at::tanh(z);
+}
+
 at::Tensor rnn_cell_autograd(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const OptionalTensor& b_ih, const OptionalTensor& b_hh, bool relu) {
-  // Whether any argument carries a forward-mode tangent (which the Function refuses, rather than
-  // dropping it), or needs a gradient while grad mode records.
-  const at::Tensor* args[] = {&input, &hx, &w_ih, &w_hh, b_ih ? &*b_ih : nullptr, b_hh ? &*b_hh : nullptr};
-  const bool recording = at::GradMode::is_enabled();
-  bool tracked = false;
-  for (const at::Tensor* t : args) {
-    tracked = tracked || (t != nullptr && ((recording && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()));
+  if (needs_composite({&input, &hx, &w_ih, &w_hh, present(b_ih), present(b_hh)})) {
+    return composite_cell(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
+  }
+  bool tracked = false;  // whether an argument needs a gradient while grad mode records
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&input, &hx, &w_ih, &w_hh, present(b_ih), present(b_hh)}) {
+      tracked = tracked || (t != nullptr && t->requires_grad());
+    }
   }
   if (!tracked) {
     // Nothing to record (e.g. a no_grad sampling loop): skip building an autograd node, a cost as
@@ -312,6 +409,7 @@ at::Tensor rnn_cell_autograd(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return RnnCellFunction::cell_op().call(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
   }
+  AllowFunctionUnderTransforms allow;
   return RnnCellFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, relu)[0];
 }
 

@@ -43,7 +43,7 @@ except ImportError as error:
     _installed.loader.exec_module(sys.modules[__name__])
 
 if _C is not None:
-    from . import ops
+    from . import batching, ops  # noqa: F401  (batching registers the ops' vmap rules)
     from .functional import rnn, rnn_cell
     from .module import RNN, RNNCell
 
