@@ -36,10 +36,13 @@ class RNN(nn.Module):
         batch_first=False,
         dropout=0.0,
         bidirectional=False,
+        proj_size=0,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if proj_size != 0:  # accepted (as 0) for code that builds LSTMs, GRUs and RNNs alike
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         uses_relu(nonlinearity)  # raises ValueError for an unknown name, as nn.RNN does
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(

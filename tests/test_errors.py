@@ -64,7 +64,18 @@ CONSTRUCTOR_CASES = {
     "num_layers 0": (dict(num_layers=0), "num_layers must be greater than zero"),
     "bias not bool": (dict(bias=1), "bias should be of type bool"),
     "batch_first not bool": (dict(batch_first="yes"), "batch_first should be of type bool"),
+    "proj_size": (dict(proj_size=2), "proj_size argument is only supported for LSTM, not RNN or GRU"),
+    "proj_size negative": (dict(proj_size=-1), "proj_size argument is only supported for LSTM"),
 }
+
+
+def test_proj_size_zero_is_accepted_and_positional_as_in_nn_rnn():
+    """nn.RNN's positional order puts proj_size after bidirectional (nn.RNN refuses it as a
+    keyword even when 0; rnn_ext accepts 0, for code that builds LSTMs and RNNs alike)."""
+    assert rnn_ext.RNN(3, 4, proj_size=0).proj_size == 0
+    args = (3, 4, 1, "tanh", True, False, 0.0, False, 0, None, torch.float64)
+    ours, theirs = rnn_ext.RNN(*args), nn.RNN(*args)
+    assert ours.weight_hh_l0.dtype == theirs.weight_hh_l0.dtype == torch.float64
 
 
 @pytest.mark.parametrize("case", CONSTRUCTOR_CASES)
