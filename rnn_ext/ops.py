@@ -1,4 +1,5 @@
-"""Python side of the compiled ops: fake kernels for tracing (autograd is in csrc/autograd.cpp).
+"""Python side of the compiled ops: fake kernels for tracing (autograd is in csrc/autograd.cpp,
+vmap rules in rnn_ext/batching.py).
 
 ``torch.ops.rnn_ext.rnn_layer`` runs one layer (every direction) of the recurrence; shapes are
 documented in ``csrc/rnn.h``:

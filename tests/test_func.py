@@ -187,8 +187,7 @@ SAMPLES = 4
 def per_sample_inputs(case):
     """SAMPLES batches of the case's input and hx, stacked on a new dim 0."""
     generator = torch.Generator().manual_seed(5)
-    stacked = [torch.randn(SAMPLES, *t.shape, dtype=t.dtype, generator=generator).to(t.device) for t in (case.x, case.hx)]
-    return stacked
+    return [torch.randn(SAMPLES, *t.shape, dtype=t.dtype, generator=generator).to(t.device) for t in (case.x, case.hx)]
 
 
 def looped(fn, *stacked):
