@@ -9,11 +9,11 @@
 // than the whole recurrence, e.g. 2/3 of forward+backward at B=1, L=100, H=32.
 //
 // A C++ autograd Function supports neither forward-mode AD nor functorch's differentiating
-// transforms (torch.func.grad, vjp, jvp, jacrev, jacfwd, hessian, functionalize). Calls under
-// those run the op as differentiable ATen ops instead (composite_layer, composite_cell), which
-// every transform and forward-mode AD know, to any order. Under vmap the Function serves: the
-// batching rules (rnn_ext/batching.py) call the op on plain tensors, where autograd records it as
-// it records ATen ops there.
+// transforms (torch.func.grad, vjp, jvp, jacrev, jacfwd, hessian). Calls under those run the op
+// as differentiable ATen ops instead (composite_layer, composite_cell), which every transform and
+// forward-mode AD know, to any order. vmap needs no such path: functorch reaches this kernel only
+// after its batching rule (rnn_ext/batching.py) has removed the vmap level, so the Function
+// records plain tensors, as autograd records ATen ops there.
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -21,14 +21,6 @@
 #include <algorithm>
 
 #include "rnn.h"
-
-// From ATen/functorch/DynamicLayer.h (exported by libtorch_cpu), which cannot be included here: it
-// needs headers the torch wheel does not ship. The switch that lets a single-level autograd
-// Function run while functorch transforms are active.
-namespace at::functorch {
-TORCH_API void setSingleLevelAutogradFunctionAllowed(bool allowed);
-TORCH_API bool getSingleLevelAutogradFunctionAllowed();
-}  // namespace at::functorch
 
 namespace rnn_ext {
 
@@ -89,21 +81,13 @@ std::optional<at::Tensor> as_optional(const at::Tensor& t) {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
-// Whether a functorch transform (vmap, grad, jvp, ...) is active: functorch includes its
-// dynamic-layer dispatch keys in the thread's dispatch key set exactly while its stack is not empty.
-bool functorch_active() {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
-}
-
-// Whether an argument is wrapped by a functorch transform that differentiates (grad, vjp, jvp, ...)
-// or functionalizes, or carries a forward-mode tangent: then the op must run as differentiable
-// ATen ops (see the top of this file).
+// Whether an argument is wrapped by a functorch transform that differentiates (grad, vjp, jvp,
+// ...) or carries a forward-mode tangent: then the op must run as differentiable ATen ops (see the
+// top of this file).
 bool needs_composite(std::initializer_list<const at::Tensor*> args) {
-  const bool transforms = functorch_active();
-  const c10::DispatchKeySet wrapped{c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize};
   for (const at::Tensor* t : args) {
     if (t == nullptr || !t->defined()) continue;
-    if ((transforms && t->key_set().has_any(wrapped)) || t->_fw_grad(/*level=*/0).defined()) return true;
+    if (t->key_set().has(c10::DispatchKey::FuncTorchGradWrapper) || t->_fw_grad(/*level=*/0).defined()) return true;
   }
   return false;
 }
@@ -119,9 +103,12 @@ at::Tensor host_tensor(const RowSet& rows) {
 
 // batch_sizes or lengths as a plain CPU tensor. functorch's transforms wrap every tensor argument
 // of an op, these integer ones too, and a wrapper has no storage to read: item() reaches the
-// wrapped values through the dispatcher.
+// wrapped values through the dispatcher. Anything but a 1-D int64 CPU tensor is left for
+// check_layer_args to refuse.
 OptionalTensor plain_integers(const OptionalTensor& t) {
-  if (!t.has_value() || t->has_storage()) return t;
+  if (!t.has_value() || t->has_storage() || t->scalar_type() != at::kLong || t->dim() != 1 || !t->is_cpu()) {
+    return t;
+  }
   std::vector<int64_t> values(t->numel());
   for (int64_t i = 0; i < t->numel(); ++i) values[i] = (*t)[i].item().toLong();
   return host_tensor({t->numel(), values.data()});
@@ -130,28 +117,6 @@ OptionalTensor plain_integers(const OptionalTensor& t) {
 const at::Tensor* present(const OptionalTensor& t) {
   return t.has_value() ? &*t : nullptr;
 }
-
-// Lets the C++ Functions record while functorch transforms are active (refused by default) on
-// arguments no transform wraps: those of the batching rules (rnn_ext/batching.py), which call the
-// op on plain tensors, and constants. Autograd records them at level 0, as it records ATen ops.
-class AllowFunctionUnderTransforms {
- public:
-  AllowFunctionUnderTransforms() : active_(functorch_active()) {
-    if (active_) {
-      previous_ = at::functorch::getSingleLevelAutogradFunctionAllowed();
-      at::functorch::setSingleLevelAutogradFunctionAllowed(true);
-    }
-  }
-  ~AllowFunctionUnderTransforms() {
-    if (active_) at::functorch::setSingleLevelAutogradFunctionAllowed(previous_);
-  }
-  AllowFunctionUnderTransforms(const AllowFunctionUnderTransforms&) = delete;
-  AllowFunctionUnderTransforms& operator=(const AllowFunctionUnderTransforms&) = delete;
-
- private:
-  bool active_;
-  bool previous_ = false;
-};
 
 // rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h), walking
 // time through the same StepSchedule as the kernels. A padded batch runs on its real rows only,
@@ -308,7 +273,6 @@ std::tuple<at::Tensor, at::Tensor> rnn_layer_autograd(
         flat_weights(w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse);
     return composite_layer(input, hx, weights, plain_integers(batch_sizes), relu, plain_integers(lengths));
   }
-  AllowFunctionUnderTransforms allow;
   const auto result = RnnLayerFunction::apply(
       input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu,
       lengths);
@@ -409,7 +373,6 @@ at::Tensor rnn_cell_autograd(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return RnnCellFunction::cell_op().call(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
   }
-  AllowFunctionUnderTransforms allow;
   return RnnCellFunction::apply(input, hx, w_ih, w_hh, b_ih, b_hh, relu)[0];
 }
 

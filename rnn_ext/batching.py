@@ -66,64 +66,73 @@ def _folded_schedule(batch_sizes, lengths, samples):
     )
 
 
+def _samples(info):
+    if info.batch_size == 0:
+        raise RuntimeError("rnn_ext: vmap over a dimension of size 0 is not supported")
+    return info.batch_size
+
+
 @torch.library.register_vmap("rnn_ext::rnn_layer")
 def _rnn_layer_vmap(info, in_dims, input, hx, *rest):
-    # The dispatcher leaves out a trailing lengths=None.
+    samples = _samples(info)
     args = (input, hx, *rest)
+    input_dim, hx_dim, *other_dims = in_dims
+    if not _all_none(other_dims):  # per-sample weights (or schedules)
+        return _per_sample(ops.rnn_layer, samples, in_dims, args)
     weights = rest[: ops.WEIGHT_SLOTS]
-    batch_sizes, relu, lengths = (*rest[ops.WEIGHT_SLOTS :], None)[:3]
-    if not _all_none(in_dims[2:]):  # per-sample weights (or schedules)
-        return _per_sample(ops.rnn_layer, info.batch_size, in_dims, args)
-    samples = info.batch_size
+    batch_sizes, relu, lengths = (*rest[ops.WEIGHT_SLOTS :], None)[:3]  # the dispatcher drops a trailing None
     batch_sizes, lengths = _folded_schedule(batch_sizes, lengths, samples)
     output, h_n = ops.rnn_layer(
-        _fold_rows(input, in_dims[0], samples), _fold_states(hx, in_dims[1], samples), *weights, batch_sizes,
-        relu, lengths,
+        _fold_rows(input, input_dim, samples), _fold_states(hx, hx_dim, samples), *weights, batch_sizes, relu,
+        lengths,
     )
     return (_unfold_rows(output, samples), _unfold_states(h_n, samples)), (1, 2)
 
 
 @torch.library.register_vmap("rnn_ext::rnn_layer_backward")
 def _rnn_layer_backward_vmap(info, in_dims, grad_output, grad_h_n, input, hx, weights, *rest):
+    samples = _samples(info)
     args = (grad_output, grad_h_n, input, hx, weights, *rest)
     batch_sizes, relu, output, output_mask, lengths = (*rest, None)[:5]
-    if output_mask[2] or not _all_none((in_dims[4], in_dims[5], in_dims[9:])):
+    (grad_output_dim, grad_h_n_dim, input_dim, hx_dim, weights_dims, batch_sizes_dim, _, output_dim, _,
+     lengths_dim) = (*in_dims, None)[:10]
+    if output_mask[2] or not _all_none((weights_dims, batch_sizes_dim, lengths_dim)):
         # Each sample's weight gradients sum over its own rows only.
-        return _per_sample(ops.rnn_layer_backward, info.batch_size, in_dims, args)
-    samples = info.batch_size
+        return _per_sample(ops.rnn_layer_backward, samples, in_dims, args)
     batch_sizes, lengths = _folded_schedule(batch_sizes, lengths, samples)
     grad_input, grad_hx, _ = ops.rnn_layer_backward(
-        _fold_rows(grad_output, in_dims[0], samples), _fold_states(grad_h_n, in_dims[1], samples),
-        _fold_rows(input, in_dims[2], samples), _fold_states(hx, in_dims[3], samples), weights, batch_sizes, relu,
-        _fold_rows(output, in_dims[7], samples), output_mask, lengths,
+        _fold_rows(grad_output, grad_output_dim, samples), _fold_states(grad_h_n, grad_h_n_dim, samples),
+        _fold_rows(input, input_dim, samples), _fold_states(hx, hx_dim, samples), weights, batch_sizes, relu,
+        _fold_rows(output, output_dim, samples), output_mask, lengths,
     )
-    grad_input, input_dim = (_unfold_rows(grad_input, samples), 1) if output_mask[0] else (grad_input, None)
-    grad_hx, hx_dim = (_unfold_states(grad_hx, samples), 2) if output_mask[1] else (grad_hx, None)
-    return (grad_input, grad_hx, []), (input_dim, hx_dim, [])
+    grad_input, grad_input_dim = (_unfold_rows(grad_input, samples), 1) if output_mask[0] else (grad_input, None)
+    grad_hx, grad_hx_dim = (_unfold_states(grad_hx, samples), 2) if output_mask[1] else (grad_hx, None)
+    return (grad_input, grad_hx, []), (grad_input_dim, grad_hx_dim, [])
 
 
 @torch.library.register_vmap("rnn_ext::rnn_cell")
 def _rnn_cell_vmap(info, in_dims, input, hx, w_ih, w_hh, b_ih, b_hh, relu):
-    args = (input, hx, w_ih, w_hh, b_ih, b_hh, relu)
-    if not _all_none(in_dims[2:]):
-        return _per_sample(ops.rnn_cell, info.batch_size, in_dims, args)
-    samples = info.batch_size
+    samples = _samples(info)
+    input_dim, hx_dim, *weight_dims = in_dims
+    if not _all_none(weight_dims):
+        return _per_sample(ops.rnn_cell, samples, in_dims, (input, hx, w_ih, w_hh, b_ih, b_hh, relu))
     h = ops.rnn_cell(
-        _fold_rows(input, in_dims[0], samples), _fold_rows(hx, in_dims[1], samples), w_ih, w_hh, b_ih, b_hh, relu
+        _fold_rows(input, input_dim, samples), _fold_rows(hx, hx_dim, samples), w_ih, w_hh, b_ih, b_hh, relu
     )
     return _unfold_rows(h, samples), 1
 
 
 @torch.library.register_vmap("rnn_ext::rnn_cell_backward")
 def _rnn_cell_backward_vmap(info, in_dims, grad_h, input, hx, weights, relu, output, output_mask):
-    args = (grad_h, input, hx, weights, relu, output, output_mask)
-    if output_mask[2] or not _all_none(in_dims[3]):
-        return _per_sample(ops.rnn_cell_backward, info.batch_size, in_dims, args)
-    samples = info.batch_size
+    samples = _samples(info)
+    grad_h_dim, input_dim, hx_dim, weights_dims, _, output_dim, _ = in_dims
+    if output_mask[2] or not _all_none(weights_dims):
+        args = (grad_h, input, hx, weights, relu, output, output_mask)
+        return _per_sample(ops.rnn_cell_backward, samples, in_dims, args)
     grad_input, grad_hx, _ = ops.rnn_cell_backward(
-        *(_fold_rows(t, dim, samples) for t, dim in zip((grad_h, input, hx), in_dims[:3])), weights, relu,
-        _fold_rows(output, in_dims[5], samples), output_mask,
+        _fold_rows(grad_h, grad_h_dim, samples), _fold_rows(input, input_dim, samples),
+        _fold_rows(hx, hx_dim, samples), weights, relu, _fold_rows(output, output_dim, samples), output_mask,
     )
-    grad_input, input_dim = (_unfold_rows(grad_input, samples), 1) if output_mask[0] else (grad_input, None)
-    grad_hx, hx_dim = (_unfold_rows(grad_hx, samples), 1) if output_mask[1] else (grad_hx, None)
-    return (grad_input, grad_hx, []), (input_dim, hx_dim, [])
+    grad_input, grad_input_dim = (_unfold_rows(grad_input, samples), 1) if output_mask[0] else (grad_input, None)
+    grad_hx, grad_hx_dim = (_unfold_rows(grad_hx, samples), 1) if output_mask[1] else (grad_hx, None)
+    return (grad_input, grad_hx, []), (grad_input_dim, grad_hx_dim, [])

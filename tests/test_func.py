@@ -122,6 +122,15 @@ def tangents_like(tree, seed=1):
     )
 
 
+def test_plain_autograd_keeps_the_compiled_functions():
+    """Outside transforms and without tangents, the op records its C++ Function (one node running
+    the compiled backward), not the step-by-step rebuild."""
+    x = torch.randn(5, 2, 3)
+    _, h_n = rnn_ext.RNN(3, 4)(x)
+    assert "RnnLayerFunction" in h_n.grad_fn.name()
+    assert "RnnCellFunction" in rnn_ext.RNNCell(3, 4)(x[0]).grad_fn.name()
+
+
 # -- reverse mode ----------------------------------------------------------------------------------
 
 
@@ -255,9 +264,10 @@ def test_per_sample_gradients_of_unbatched_sequences(device):
 def no_vmap_fallback():
     """Turns off functorch's slow per-sample fallback for ops without a batching rule: an op
     that would take it raises instead."""
+    enabled = torch._C._functorch._is_vmap_fallback_enabled()
     torch._C._functorch._set_vmap_fallback_enabled(False)
     yield
-    torch._C._functorch._set_vmap_fallback_enabled(True)
+    torch._C._functorch._set_vmap_fallback_enabled(enabled)
 
 
 def test_vmap_of_the_forward_uses_the_batching_rule(case, no_vmap_fallback):
@@ -290,34 +300,73 @@ def test_vmap_over_parameters_runs_an_ensemble(device, no_vmap_fallback):
     torch.testing.assert_close(list(ours), theirs)
 
 
+class CountingOp:
+    """Wraps an op to count its calls (the batching rules call ops.<name> at call time)."""
+
+    def __init__(self, monkeypatch, name):
+        self.op, self.calls = getattr(ops, name), 0
+        monkeypatch.setattr(ops, name, self)
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+def assert_rules_match_a_loop(forward, backward, data, grads, weights, data_dim, weight_dim):
+    """forward(*data, weights) and backward(*grads, *data, weights, mask) under torch.func.vmap, data
+    and grads vmapped at data_dim, weights at weight_dim (None: shared), against a loop over samples."""
+    samples = 2
+
+    def sample(t, dim, v):
+        return t if dim is None else t.select(dim, v)
+
+    def loop(fn, args, dims, *rest):
+        results = []
+        for v in range(samples):
+            one = [[sample(t, d, v) for t, d in zip(a, dd)] if isinstance(a, list) else sample(a, dd, v)
+                   for a, dd in zip(args, dims)]
+            results.append(fn(*one, *rest))
+        return torch.utils._pytree.tree_map(lambda *r: torch.stack(r), *results)
+
+    dims = (*[data_dim] * len(data), [weight_dim] * len(weights))
+    torch.testing.assert_close(vmap(forward, in_dims=dims)(*data, weights), loop(forward, (*data, weights), dims))
+    args, dims = (*grads, *data, weights), (*[data_dim] * len(grads), *dims)
+    for mask in ([True, True, False], [True, False, True], [False, True, True]):
+        result = vmap(lambda *a: backward(*a, mask), in_dims=dims)(*args)
+        expected = loop(backward, args, dims, mask)
+        for got, want, computed in zip(result, expected, mask):
+            if computed:
+                torch.testing.assert_close(got, want)
+
+
+def maybe_batched(shape, dim, device, samples=2):
+    shape = list(shape)
+    if dim is not None:
+        shape.insert(dim, samples)
+    return randn(*shape, device=device)
+
+
 LAYER_ARGS = {
     "dense": dict(batch_sizes=None, lengths=None),
     "packed": dict(batch_sizes=torch.tensor([3, 2, 1]), lengths=None),
     "lengths": dict(batch_sizes=None, lengths=torch.tensor([2, 0, 3])),
 }
+BATCHED = {"data": (1, None), "weights": (None, 0), "all": (2, 0)}  # vmapped dims of data and weights
 
 
 @pytest.mark.parametrize("kind", LAYER_ARGS)
-@pytest.mark.parametrize("batched", ["data", "weights", "all"])
-def test_op_batching_rules_against_a_loop(kind, batched, device, no_vmap_fallback):
-    """rnn_layer and rnn_layer_backward under torch.func.vmap, data and/or weights vmapped at
-    various dims, against the op run once per sample."""
+@pytest.mark.parametrize("batched", BATCHED)
+def test_layer_batching_rules_against_a_loop(kind, batched, device, no_vmap_fallback, monkeypatch):
+    """rnn_layer and rnn_layer_backward under torch.func.vmap: shared weights fold the samples into
+    one call, vmapped weights run one call per sample."""
     torch.manual_seed(0)
     batch_sizes, lengths = LAYER_ARGS[kind]["batch_sizes"], LAYER_ARGS[kind]["lengths"]
     rows = int(batch_sizes.sum()) if batch_sizes is not None else 9
-    V, D, B, I, H = 2, 2, 3, 2, 4
-    data_dim = None if batched == "weights" else 1
-    weight_dim = None if batched == "data" else 0
-
-    def maybe_batched(shape, dim):
-        shape = list(shape)
-        if dim is not None:
-            shape.insert(dim, V)
-        return randn(*shape, device=device)
-
-    x, hx = maybe_batched((rows, I), data_dim), maybe_batched((D, B, H), data_dim)
-    weights = [maybe_batched(s, weight_dim) for s in [(H, I), (H, H), (H,), (H,)] * 2]
-    grad_output, grad_h_n = maybe_batched((rows, D * H), data_dim), maybe_batched((D, B, H), data_dim)
+    D, B, I, H = 2, 3, 2, 4
+    data_dim, weight_dim = BATCHED[batched]
+    data = [maybe_batched((rows, I), data_dim, device), maybe_batched((D, B, H), data_dim, device)]
+    grads = [maybe_batched((rows, D * H), data_dim, device), maybe_batched((D, B, H), data_dim, device)]
+    weights = [maybe_batched(s, weight_dim, device) for s in [(H, I), (H, H), (H,), (H,)] * 2]
 
     def layer(x, hx, weights):
         return ops.run_layer(x, hx, weights, batch_sizes, False, lengths)
@@ -326,28 +375,28 @@ def test_op_batching_rules_against_a_loop(kind, batched, device, no_vmap_fallbac
         output, _ = layer(x, hx, weights)
         return ops.rnn_layer_backward(grad_output, grad_h_n, x, hx, weights, batch_sizes, False, output, mask, lengths)
 
-    in_dims = (data_dim, data_dim, [weight_dim] * len(weights))
+    assert_rules_match_a_loop(layer, backward, data, grads, weights, data_dim, weight_dim)
+    counting = CountingOp(monkeypatch, "rnn_layer")
+    vmap(layer, in_dims=(data_dim, data_dim, [weight_dim] * len(weights)))(*data, weights)
+    assert counting.calls == 1 + (1 if weight_dim is None else 2)  # the call vmap sees, then the rule's
 
-    def sample(t, dim, v):
-        return t if dim is None else t.select(dim, v)
 
-    def loop(fn, args, dims, *rest):
-        results = []
-        for v in range(V):
-            one = [[sample(t, d, v) for t, d in zip(a, dd)] if isinstance(a, list) else sample(a, dd, v)
-                   for a, dd in zip(args, dims)]
-            results.append(fn(*one, *rest))
-        return torch.utils._pytree.tree_map(lambda *r: torch.stack(r), *results)
+@pytest.mark.parametrize("batched", BATCHED)
+def test_cell_batching_rules_against_a_loop(batched, device, no_vmap_fallback):
+    torch.manual_seed(0)
+    B, I, H = 3, 2, 4
+    data_dim, weight_dim = BATCHED[batched]
+    data = [maybe_batched((B, I), data_dim, device), maybe_batched((B, H), data_dim, device)]
+    grads = [maybe_batched((B, H), data_dim, device)]
+    weights = [maybe_batched(s, weight_dim, device) for s in [(H, I), (H, H), (H,), (H,)]]
 
-    torch.testing.assert_close(vmap(layer, in_dims=in_dims)(x, hx, weights), loop(layer, (x, hx, weights), in_dims))
-    for mask in ([True, True, False], [True, False, True], [False, True, True]):
-        args = (grad_output, grad_h_n, x, hx, weights)
-        dims = (data_dim, data_dim, *in_dims)
-        result = vmap(lambda *a: backward(*a, mask), in_dims=dims)(*args)
-        expected = loop(backward, args, dims, mask)
-        for got, want, computed in zip(result, expected, mask):
-            if computed:
-                torch.testing.assert_close(got, want)
+    def cell(x, hx, weights):
+        return ops.rnn_cell(x, hx, *weights, True)
+
+    def backward(grad_h, x, hx, weights, mask):
+        return ops.rnn_cell_backward(grad_h, x, hx, weights, True, cell(x, hx, weights), mask)
+
+    assert_rules_match_a_loop(cell, backward, data, grads, weights, data_dim, weight_dim)
 
 
 # -- batched gradients in plain autograd (legacy vmap) ---------------------------------------------
