@@ -84,6 +84,12 @@ def best_time(step, samples=15, min_time=0.05):
 def worker():
     import torch
 
+    import rnn_ext
+
+    # rnn_ext loads another copy in place of a tree without a built extension: refuse that here.
+    expected = os.path.realpath(os.environ["PYTHONPATH"].split(os.pathsep)[0])
+    if not os.path.realpath(rnn_ext.__file__).startswith(expected + os.sep):
+        sys.exit(f"{expected} holds no built rnn_ext: {rnn_ext.__file__} was loaded instead")
     torch.set_num_threads(1)
     print(json.dumps({label(shape): best_time(training_step(shape)) * 1e6 for shape in SHAPES}))
 
