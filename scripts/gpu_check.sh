@@ -84,7 +84,8 @@ git log --oneline -n 3 2>/dev/null || true
 
 part "build (FORCE_CUDA=1, sm_90, MAX_JOBS=16)"
 build_start=$SECONDS
-limited 300 "$PYTHON" setup.py build_ext --inplace
+# The lent machine's torch is fixed (2.11 when this was written), below the floor CI tests.
+RNN_EXT_ALLOW_UNTESTED_TORCH=1 limited 300 "$PYTHON" setup.py build_ext --inplace
 build_rc=$?
 build_s=$((SECONDS - build_start))
 if (( build_rc == 0 )); then

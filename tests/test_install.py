@@ -2,6 +2,7 @@
 unbuilt source tree shadows the installed package), the console command the install adds, and
 the torch version it claims."""
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,22 @@ def test_console_command_is_the_benchmark(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["rnn-ext-benchmark", "--shapes", "2,3,4,5", "--rounds", "1", "--min-time", "0"])
     assert command() is None  # a console script's return value becomes its exit status
     assert "2,3,4,5,1,no" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("allowed", [False, True], ids=["refused", "allowed"])
+def test_setup_refuses_a_torch_below_the_floor_unless_told(allowed):
+    """The lent GPU machine's torch is below the floor: scripts/gpu_check.sh builds there anyway."""
+    fake_old_torch = (
+        "import runpy, sys, torch; torch.__version__ = torch.torch_version.TorchVersion('2.11.0'); "
+        "sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__')"
+    )
+    env = dict(os.environ, RNN_EXT_ALLOW_UNTESTED_TORCH="1" if allowed else "0")
+    done = subprocess.run([sys.executable, "-c", fake_old_torch], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "this environment has torch 2.11.0" in done.stderr
+    assert (done.returncode == 0) == allowed, done.stderr
+    if allowed:
+        assert "RNN_EXT_ALLOW_UNTESTED_TORCH=1" in (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
 
 
 def test_claimed_torch_floor_is_the_one_setup_checks_and_this_torch_meets_it():
