@@ -199,10 +199,22 @@ def per_sample_inputs(case):
     return [torch.randn(SAMPLES, *t.shape, dtype=t.dtype, generator=generator).to(t.device) for t in (case.x, case.hx)]
 
 
-def looped(fn, *stacked):
-    """fn applied to each sample of the stacked arguments, the results stacked: vmap's reference."""
-    results = [fn(*(t[i] for t in stacked)) for i in range(stacked[0].shape[0])]
+def loop_over_samples(fn, args, dims, *rest, samples):
+    """vmap's reference: fn(*sample_args, *rest) for each sample, the results stacked. dims holds
+    each argument's vmapped dim (None: shared by all samples; a list for a list argument)."""
+
+    def one(arg, dim, v):
+        if isinstance(arg, list):
+            return [one(a, d, v) for a, d in zip(arg, dim)]
+        return arg if dim is None else arg.select(dim, v)
+
+    results = [fn(*(one(a, d, v) for a, d in zip(args, dims)), *rest) for v in range(samples)]
     return torch.utils._pytree.tree_map(lambda *r: torch.stack(r), *results)
+
+
+def looped(fn, *stacked):
+    """fn applied to each sample of the arguments stacked on dim 0, the results stacked."""
+    return loop_over_samples(fn, stacked, [0] * len(stacked), samples=stacked[0].shape[0])
 
 
 @pytest.mark.parametrize(
@@ -315,18 +327,8 @@ class CountingOp:
 def assert_rules_match_a_loop(forward, backward, data, grads, weights, data_dim, weight_dim):
     """forward(*data, weights) and backward(*grads, *data, weights, mask) under torch.func.vmap, data
     and grads vmapped at data_dim, weights at weight_dim (None: shared), against a loop over samples."""
-    samples = 2
-
-    def sample(t, dim, v):
-        return t if dim is None else t.select(dim, v)
-
     def loop(fn, args, dims, *rest):
-        results = []
-        for v in range(samples):
-            one = [[sample(t, d, v) for t, d in zip(a, dd)] if isinstance(a, list) else sample(a, dd, v)
-                   for a, dd in zip(args, dims)]
-            results.append(fn(*one, *rest))
-        return torch.utils._pytree.tree_map(lambda *r: torch.stack(r), *results)
+        return loop_over_samples(fn, args, dims, *rest, samples=2)
 
     dims = (*[data_dim] * len(data), [weight_dim] * len(weights))
     torch.testing.assert_close(vmap(forward, in_dims=dims)(*data, weights), loop(forward, (*data, weights), dims))
