@@ -80,6 +80,7 @@ nvcc --version | tail -n 2 || echo "nvcc not found under $CUDA_HOME/bin"
 "$PYTHON" -c "import ninja" 2>/dev/null && echo "ninja: yes" || echo "ninja: no (serial build)"
 HAVE_PYTEST=1
 "$PYTHON" -c "import pytest, hypothesis; print('pytest', pytest.__version__)" || { HAVE_PYTEST=0; echo "pytest or hypothesis missing: tests cannot run"; }
+"$PYTHON" -c "import expecttest" 2>/dev/null && echo "expecttest: yes" || echo "expecttest: no (tests/test_module_db.py skips)"
 git log --oneline -n 3 2>/dev/null || true
 
 part "build (FORCE_CUDA=1, sm_90, MAX_JOBS=16)"
