@@ -4,7 +4,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import onnx_export, ops
 
 _ACTIVATIONS = {"tanh": False, "relu": True}
 
@@ -82,6 +82,11 @@ def rnn(
         )
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout should be a number in range [0, 1], got {dropout}")
+    run_layer = ops.run_layer
+    if onnx_export.exporting_to_onnx():
+        onnx_export.check_exportable(dropout, training, num_layers, batch_sizes)
+        if onnx_export.emits_onnx_nodes():
+            run_layer = onnx_export.rnn_node
 
     if batch_sizes is None:
         if input.dim() != 3:
@@ -107,7 +112,7 @@ def rnn(
     for layer in range(num_layers):
         if layer > 0 and dropout > 0 and training:
             x = F.dropout(x, dropout, training=True)
-        x, h_layer = ops.run_layer(
+        x, h_layer = run_layer(
             x,
             hx[layer * directions : (layer + 1) * directions],
             weights[layer * per_layer : (layer + 1) * per_layer],

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import ops
+from . import onnx_export, ops
 from .functional import rnn, uses_relu
 
 
@@ -194,6 +194,8 @@ class RNN(nn.Module):
         nn.RNN cannot take) gives zero output and h_n = hx.
         """
         if isinstance(input, PackedSequence):
+            if onnx_export.exporting_to_onnx():  # before torch.export fails on batch_sizes' values
+                onnx_export.refuse_packed_sequence()
             if lengths is not None:
                 raise ValueError("RNN: lengths= is for padded input; a PackedSequence already holds its lengths")
             return self._forward_packed(input, hx)

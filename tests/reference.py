@@ -55,6 +55,13 @@ def make_pair(input_size, hidden_size, dtype=torch.float64, device="cpu", **kwar
     return ours.to(device), theirs.to(device)
 
 
+def eval_pair(input_size, hidden_size, **kwargs):
+    """make_pair in float32 eval mode, weights drawn from seed 0: the models the export tests export."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(input_size, hidden_size, dtype=torch.float32, **kwargs)
+    return ours.eval(), theirs.eval()
+
+
 def randn(*shape, dtype=torch.float64, device="cpu", requires_grad=False):
     """torch.randn drawn from the global CPU generator and then moved to device: the same numbers
     on every device and machine for a given seed."""
