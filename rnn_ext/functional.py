@@ -84,7 +84,7 @@ def rnn(
         raise ValueError(f"dropout should be a number in range [0, 1], got {dropout}")
     run_layer = ops.run_layer
     if onnx_export.exporting_to_onnx():
-        onnx_export.check_exportable(dropout, training, num_layers, batch_sizes)
+        onnx_export.check_exportable(dropout, training, num_layers, batch_sizes, input.dtype)
         if onnx_export.emits_onnx_nodes():
             run_layer = onnx_export.rnn_node
 
