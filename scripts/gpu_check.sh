@@ -81,6 +81,7 @@ nvcc --version | tail -n 2 || echo "nvcc not found under $CUDA_HOME/bin"
 HAVE_PYTEST=1
 "$PYTHON" -c "import pytest, hypothesis; print('pytest', pytest.__version__)" || { HAVE_PYTEST=0; echo "pytest or hypothesis missing: tests cannot run"; }
 "$PYTHON" -c "import expecttest" 2>/dev/null && echo "expecttest: yes" || echo "expecttest: no (tests/test_module_db.py skips)"
+"$PYTHON" -c "import onnx, onnxscript, onnxruntime" 2>/dev/null && echo "onnx: yes" || echo "onnx: no (tests/test_onnx.py, with its CUDA export case, skips)"
 git log --oneline -n 3 2>/dev/null || true
 
 part "build (FORCE_CUDA=1, sm_90, MAX_JOBS=16)"
