@@ -57,6 +57,7 @@ def cuda_kernels_built():
 
 
 def cpu_isa():
-    """The instruction set the CPU kernels use: "avx512", "avx2" or "baseline" (the best this
-    CPU has; the environment variable RNN_EXT_CPU_ISA, read once, can pick a lower one)."""
+    """The instruction set the CPU kernels use: "avx512_bf16" (AVX-512 with the bfloat16 kernels),
+    "avx512", "avx2" or "baseline" (the best this CPU has; the environment variable
+    RNN_EXT_CPU_ISA, read once, can pick a lower one)."""
     return torch.ops.rnn_ext.cpu_isa()

@@ -179,6 +179,7 @@ class Batch:
     tokens: int
     lengths: torch.Tensor | None = None  # of a padded batch run with lengths (--lengths)
     batch_first: bool = False
+    autocast: torch.dtype | None = None  # run under torch.autocast in this dtype (--autocast)
 
 
 def make_batches(shape, dtype, device, seed, variable=None, batch_first=False):
@@ -220,8 +221,16 @@ def make_batches(shape, dtype, device, seed, variable=None, batch_first=False):
 
 
 def run_model(model, batch):
-    """``(output tensor, h_n)`` of ``model`` on ``batch``. With lengths, rnn_ext.RNN takes them
-    itself; nn.RNN runs the pack -> RNN -> pad pipeline that gives the same result."""
+    """``(output tensor, h_n)`` of ``model`` on ``batch``, under ``torch.autocast`` when the batch
+    asks for it."""
+    enabled = batch.autocast is not None
+    with torch.autocast(batch.leaf.device.type, dtype=batch.autocast, enabled=enabled):
+        return run_model_as_is(model, batch)
+
+
+def run_model_as_is(model, batch):
+    """run_model without autocast. With lengths, rnn_ext.RNN takes them itself; nn.RNN runs the
+    pack -> RNN -> pad pipeline that gives the same result."""
     if batch.lengths is None:
         output, h_n = model(batch.input)
         return (output.data if isinstance(output, PackedSequence) else output), h_n
@@ -515,7 +524,8 @@ def run_info(args, device, peak_gflops):
         ("torch", torch.__version__),
         ("rnn_ext", f"{rnn_ext.__version__} (CPU kernels: {rnn_ext.cpu_isa()})"),
         ("device", str(device)),
-        ("dtype", args.dtype),
+        ("dtype", args.dtype + (f", under torch.autocast({device.type!r}, dtype=torch.{args.autocast})"
+                                if args.autocast else "")),
         ("layout", "batch-first [B, L, ...]" if args.batch_first else "time-major [L, B, ...]"),
         ("threads", str(torch.get_num_threads())),
         ("rounds", f"up to {args.rounds} per shape, medians; samples of at least {args.min_time * 1e3:g} ms; "
@@ -591,9 +601,13 @@ def benchmark_shape(shape, args, device, dtype, timer, on_round):
     variable = "packed" if args.packed else "lengths" if args.lengths else None
     reference, ours = build_models(shape, dtype, device, args.seed, args.batch_first)
     dense, varied = make_batches(shape, dtype, device, args.seed, variable, args.batch_first)
+    autocast = DTYPES[args.autocast] if args.autocast else None
+    for b in (dense, varied):
+        if b is not None and autocast is not None:  # both models' outputs are in the autocast dtype
+            b.autocast, b.grad_output, b.grad_h_n = autocast, b.grad_output.to(autocast), b.grad_h_n.to(autocast)
     batch = varied if variable else dense
     difference = max_forward_difference(reference, ours, batch)
-    if not difference <= TOLERANCE[dtype]:
+    if not difference <= TOLERANCE[autocast or dtype]:
         print(f"warning: {shape.label}: rnn_ext and nn.RNN outputs differ by {difference:.3g}", file=sys.stderr)
 
     fns = {}
@@ -678,6 +692,9 @@ def build_parser():
                           "(shapes B,I,H[,T]; default: the 'cell' set); see rnn_ext/cell_benchmark.py")
     parser.add_argument("--batch-first", action="store_true", help="batches laid out [B, L, ...]")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="(default: %(default)s)")
+    parser.add_argument("--autocast", nargs="?", const="bfloat16", choices=["bfloat16", "float16"],
+                        help="run both models (in --dtype float32) under torch.autocast in this dtype "
+                        "(default: bfloat16)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per shape (default: %(default)s)")
     parser.add_argument("--min-time", type=float, default=0.02,
@@ -707,8 +724,10 @@ def main(argv=None):
             shapes = parse_shapes(args.shapes or ["packed" if args.packed else "lengths" if args.lengths else "default"])
     except ValueError as error:
         parser.error(f"--shapes: {error}")
-    if args.cell and (args.batch_first or args.plot):
-        parser.error("--cell takes no --batch-first or --plot")
+    if args.cell and (args.batch_first or args.plot or args.autocast):
+        parser.error("--cell takes no --batch-first, --plot or --autocast")
+    if args.autocast and args.dtype != "float32":
+        parser.error("--autocast runs float32 models: leave --dtype at float32")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         parser.error("--plot needs matplotlib: pip install matplotlib (or the package's [bench] extra)")
     if args.rounds < 1:
@@ -729,7 +748,8 @@ def main(argv=None):
     if args.cell:
         return cell_benchmark.run_cell_benchmark(args, shapes, device)
     rows, peak_gflops = run_benchmark(args, shapes, device)
-    print(f"SGEMM peak {peak_gflops:.1f} GFLOP/s; {args.dtype} on {device}, {torch.get_num_threads()} threads")
+    under = f" under autocast({args.autocast})" if args.autocast else ""
+    print(f"SGEMM peak {peak_gflops:.1f} GFLOP/s; {args.dtype}{under} on {device}, {torch.get_num_threads()} threads")
     print(format_terminal_table(rows))
     if args.markdown:
         write_markdown(rows, args.markdown, run_info(args, device, peak_gflops))

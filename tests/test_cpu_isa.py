@@ -89,13 +89,15 @@ def run_with_isa(isa, script):
                           timeout=300, cwd=TESTS_DIR)
 
 
+ISAS = ["baseline", "avx2", "avx512", "avx512_bf16"]
+
+
 def supported_isas():
     # Every x86-64 CPU runs "baseline"; the others only where the CPU has them.
-    order = ["baseline", "avx2", "avx512"]
-    return order[: order.index(rnn_ext.cpu_isa()) + 1]
+    return ISAS[: ISAS.index(rnn_ext.cpu_isa()) + 1]
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_parity_with_nn_rnn_on_each_instruction_set(isa):
     if isa not in supported_isas():
         pytest.skip(f"this CPU's best instruction set is {rnn_ext.cpu_isa()}")
@@ -104,9 +106,22 @@ def test_parity_with_nn_rnn_on_each_instruction_set(isa):
     assert result.stdout.split() == [isa, "parity", "ok"]
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_low_precision_on_each_instruction_set(isa):
+    """test_low_precision.py under each instruction set: bfloat16 on its own kernels with
+    avx512_bf16, through the float32 kernels on the others; float16 through them everywhere."""
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU's best instruction set is {rnn_ext.cpu_isa()}")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(TESTS_DIR, "test_low_precision.py")],
+        env=subprocess_env(RNN_EXT_CPU_ISA=isa), capture_output=True, text=True, timeout=600, cwd=TESTS_DIR)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
 def test_unknown_instruction_set_is_a_clear_error():
     script = "import torch, rnn_ext\nrnn_ext.RNN(2, 3)(torch.randn(4, 1, 2))"
     result = run_with_isa("sse9", script)
     assert result.returncode != 0
-    assert "RNN_EXT_CPU_ISA must be avx512, avx2 or baseline, got 'sse9'" in result.stderr
+    assert "RNN_EXT_CPU_ISA must be avx512_bf16, avx512, avx2 or baseline, got 'sse9'" in result.stderr
 

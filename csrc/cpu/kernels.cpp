@@ -6,6 +6,12 @@
 #include <cstdlib>
 #include <string>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RNN_EXT_HAS_BF16_KERNELS 1  // kernels_avx512_bf16.cpp compiles them
+#else
+#define RNN_EXT_HAS_BF16_KERNELS 0
+#endif
+
 namespace rnn_ext::cpu {
 
 namespace {
@@ -23,6 +29,14 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -31,21 +45,22 @@ bool cpu_has_avx2() {
 #endif
 }
 
-// The best instruction set this CPU has, or the one RNN_EXT_CPU_ISA names (avx512, avx2,
-// baseline): a lower one runs the code an older CPU would, e.g. to test it.
+// The best instruction set this CPU has, or the one RNN_EXT_CPU_ISA names (avx512_bf16, avx512,
+// avx2, baseline): a lower one runs the code an older CPU would, e.g. to test it.
 std::string pick_isa() {
+  const bool avx512_bf16 = cpu_has_avx512_bf16();
   const bool avx512 = cpu_has_avx512();
   const bool avx2 = cpu_has_avx2();
   const char* requested = std::getenv("RNN_EXT_CPU_ISA");
   if (requested == nullptr || *requested == '\0') {
-    return avx512 ? "avx512" : avx2 ? "avx2" : "baseline";
+    return avx512_bf16 ? "avx512_bf16" : avx512 ? "avx512" : avx2 ? "avx2" : "baseline";
   }
   const std::string isa(requested);
   TORCH_CHECK(
-      isa == "avx512" || isa == "avx2" || isa == "baseline",
-      "rnn_ext: RNN_EXT_CPU_ISA must be avx512, avx2 or baseline, got '", isa, "'");
+      isa == "avx512_bf16" || isa == "avx512" || isa == "avx2" || isa == "baseline",
+      "rnn_ext: RNN_EXT_CPU_ISA must be avx512_bf16, avx512, avx2 or baseline, got '", isa, "'");
   TORCH_CHECK(
-      (isa != "avx512" || avx512) && (isa != "avx2" || avx2),
+      (isa != "avx512_bf16" || avx512_bf16) && (isa != "avx512" || avx512) && (isa != "avx2" || avx2),
       "rnn_ext: RNN_EXT_CPU_ISA=", isa, " but this CPU does not support it");
   return isa;
 }
@@ -56,8 +71,11 @@ const std::string& active_isa() {
 }
 
 template <typename scalar_t>
-IsaKernels<scalar_t> pick(IsaKernels<scalar_t> (*avx512)(), IsaKernels<scalar_t> (*avx2)(), IsaKernels<scalar_t> (*baseline)()) {
+IsaKernels<scalar_t> pick(
+    IsaKernels<scalar_t> (*avx512_bf16)(), IsaKernels<scalar_t> (*avx512)(), IsaKernels<scalar_t> (*avx2)(),
+    IsaKernels<scalar_t> (*baseline)()) {
   const std::string& isa = active_isa();
+  if (isa == "avx512_bf16") return avx512_bf16();
   if (isa == "avx512") return avx512();
   if (isa == "avx2") return avx2();
   return baseline();
@@ -68,14 +86,70 @@ const IsaKernels<scalar_t>& kernels();
 
 template <>
 const IsaKernels<float>& kernels<float>() {
-  static const IsaKernels<float> k = pick(&avx512_kernels_f32, &avx2_kernels_f32, &baseline_kernels_f32);
+  static const IsaKernels<float> k =
+      pick(&avx512_bf16_kernels_f32, &avx512_kernels_f32, &avx2_kernels_f32, &baseline_kernels_f32);
   return k;
 }
 
 template <>
 const IsaKernels<double>& kernels<double>() {
-  static const IsaKernels<double> k = pick(&avx512_kernels_f64, &avx2_kernels_f64, &baseline_kernels_f64);
+  static const IsaKernels<double> k =
+      pick(&avx512_bf16_kernels_f64, &avx512_kernels_f64, &avx2_kernels_f64, &baseline_kernels_f64);
   return k;
+}
+
+IsaKernels<bf16_t> bf16_kernel_set() {
+#if RNN_EXT_HAS_BF16_KERNELS
+  return avx512_bf16_kernels_bf16();
+#else
+  return {};
+#endif
+}
+
+template <>
+const IsaKernels<bf16_t>& kernels<bf16_t>() {
+  TORCH_CHECK(has_bf16_kernels(), "rnn_ext: no bfloat16 kernels with the ", active_isa(), " CPU kernels");
+  static const IsaKernels<bf16_t> k = bf16_kernel_set();
+  return k;
+}
+
+// The kernels' element type: c10::BFloat16 as its bits; float and double as they are.
+template <typename T>
+struct KernelElement {
+  using type = T;
+};
+template <>
+struct KernelElement<c10::BFloat16> {
+  using type = bf16_t;
+};
+template <typename T>
+using kernel_t = typename KernelElement<T>::type;
+
+template <typename T>
+T* bits(T* p) {
+  return p;
+}
+const bf16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const bf16_t*>(p); }
+bf16_t* bits(c10::BFloat16* p) { return reinterpret_cast<bf16_t*>(p); }
+
+template <typename scalar_t>
+void run_range(const IsaKernels<scalar_t>& k, const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
+  k.run_tiles(job, begin, end);
+}
+void run_range(const IsaKernels<bf16_t>& k, const StepJob<bf16_t, float>& job, int64_t begin, int64_t end) {
+  k.run_tiles_float_c(job, begin, end);
+}
+
+template <typename scalar_t, typename c_t>
+void run(const StepJob<scalar_t, c_t>& job, bool single_thread) {
+  if (job.rows <= 0 || job.cols <= 0) return;
+  const IsaKernels<scalar_t>& k = kernels<scalar_t>();
+  const int64_t tiles = k.num_tiles(job.rows, job.cols);
+  if (single_thread || tiles < 2 || job.A == nullptr || job.rows * job.cols * job.depth < kParallelMinMacs) {
+    run_range(k, job, 0, tiles);
+    return;
+  }
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { run_range(k, job, begin, end); });
 }
 
 }  // namespace
@@ -84,33 +158,24 @@ std::string cpu_isa() {
   return active_isa();
 }
 
-template <typename scalar_t>
-PackedWeight<scalar_t>::PackedWeight(const scalar_t* W, int64_t ldw, int64_t depth, int64_t cols)
-    : depth_(depth), cols_(cols) {
-  const int64_t width = kernels<scalar_t>().panel_width;
-  const int64_t panels = (cols + width - 1) / width;
-  buffer_ = at::empty({panels * depth * width}, at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-  kernels<scalar_t>().pack(depth, cols, W, ldw, buffer_.data_ptr<scalar_t>());
+bool has_bf16_kernels() {
+  return RNN_EXT_HAS_BF16_KERNELS && active_isa() == "avx512_bf16";
 }
 
 template <typename scalar_t>
-void run(const StepJob<scalar_t>& job, bool single_thread) {
-  if (job.rows <= 0 || job.cols <= 0) return;
-  const IsaKernels<scalar_t>& k = kernels<scalar_t>();
-  const int64_t tiles = k.num_tiles(job.rows, job.cols);
-  if (single_thread || tiles < 2 || job.A == nullptr || job.rows * job.cols * job.depth < kParallelMinMacs) {
-    k.run_tiles(job, 0, tiles);
-    return;
-  }
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { k.run_tiles(job, begin, end); });
+PackedWeight<scalar_t>::PackedWeight(const at::Tensor& W) : depth_(W.size(0)), cols_(W.size(1)) {
+  const auto w = W.stride(0) == 1 || W.stride(1) == 1 ? W : W.contiguous();
+  const auto& k = kernels<kernel_t<scalar_t>>();
+  buffer_ = at::empty({k.packed_size(depth_, cols_)}, w.options());
+  k.pack(depth_, cols_, bits(w.data_ptr<scalar_t>()), w.stride(0), w.stride(1), bits(buffer_.data_ptr<scalar_t>()));
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename c_t>
 void step(
-    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, c_t* C, int64_t ldc,
     Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread, RowIndex index) {
-  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, epilogue, y, ldy, /*accumulate=*/true, nullptr,
-                        index},
+  run(StepJob<kernel_t<scalar_t>, kernel_t<c_t>>{rows, W.cols(), W.depth(), bits(A), lda, bits(W.data()), bits(C), ldc,
+                                                  epilogue, bits(y), ldy, /*accumulate=*/true, nullptr, index},
       single_thread);
 }
 
@@ -118,8 +183,8 @@ template <typename scalar_t>
 void product(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
     int64_t ldc, const std::type_identity_t<scalar_t>* row, RowIndex index) {
-  run(StepJob<scalar_t>{rows, W.cols(), W.depth(), A, lda, W.data(), C, ldc, Epilogue::kNone, nullptr, 0,
-                        /*accumulate=*/false, row, index},
+  run(StepJob<kernel_t<scalar_t>>{rows, W.cols(), W.depth(), bits(A), lda, bits(W.data()), bits(C), ldc, Epilogue::kNone,
+                                  nullptr, 0, /*accumulate=*/false, bits(row), index},
       /*single_thread=*/false);
 }
 
@@ -149,11 +214,16 @@ void dot_grad(const DotGradJob<scalar_t>& job) {
   });
 }
 
+using c10::BFloat16;
 template class PackedWeight<float>;
 template class PackedWeight<double>;
-template void step<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex);
-template void step<double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex);
+template class PackedWeight<BFloat16>;
+template void step<float, float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex);
+template void step<double, double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex);
+template void step<BFloat16, BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex);
+template void step<BFloat16, float>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, float*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex);
 template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*, RowIndex);
+template void product<BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, const BFloat16*, RowIndex);
 template void dot_step<float>(const DotJob<float>&);
 template void dot_step<double>(const DotJob<double>&);
 template void dot_grad<float>(const DotGradJob<float>&);

@@ -13,15 +13,20 @@
 
 namespace rnn_ext::cpu {
 
-// The instruction set the CPU kernels run with: "avx512", "avx2" or "baseline".
+// The instruction set the CPU kernels run with: "avx512_bf16", "avx512", "avx2" or "baseline".
 std::string cpu_isa();
 
-// W [depth, cols] (row-major, rows ldw apart), packed into the active ISA's column panels.
+// Whether the kernels below run bfloat16 (scalar_t c10::BFloat16): only the avx512_bf16 set has
+// them. float and double always run.
+bool has_bf16_kernels();
+
+// W [depth, cols], packed into the active ISA's column panels. W may be any 2-d tensor of
+// scalar_t; a transposed view of a contiguous matrix (w_hh.t()) packs without a copy.
 // (GEMM dimensions here are rows, cols and depth: the shape legend's letters mean other things.)
 template <typename scalar_t>
 class PackedWeight {
  public:
-  PackedWeight(const scalar_t* W, int64_t ldw, int64_t depth, int64_t cols);
+  explicit PackedWeight(const at::Tensor& W);
   const scalar_t* data() const { return buffer_.data_ptr<scalar_t>(); }
   int64_t depth() const { return depth_; }
   int64_t cols() const { return cols_; }
@@ -33,10 +38,11 @@ class PackedWeight {
 
 // C[rows, cols] = epilogue(C + A[rows, depth] @ W) (A == nullptr: epilogue only); y is what the
 // gradient epilogues read (the step's outputs), rows ldy apart; rows numbered through index.
-// Threads over tiles unless single_thread.
-template <typename scalar_t>
+// Threads over tiles unless single_thread. C has W's type (c_t = scalar_t), or is float for
+// bfloat16 operands (a sum kept in float across calls).
+template <typename scalar_t, typename c_t>
 void step(
-    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C, int64_t ldc,
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, c_t* C, int64_t ldc,
     Epilogue epilogue, const std::type_identity_t<scalar_t>* y = nullptr, int64_t ldy = 0, bool single_thread = false,
     RowIndex index = {});
 

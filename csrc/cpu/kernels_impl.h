@@ -1,7 +1,8 @@
 // The body of the per-ISA kernels. Included by one small .cpp per instruction set, after a
 // `#pragma GCC target(...)`, with these defined:
-//   RNN_EXT_VECTOR_BYTES  16, 32 or 64      RNN_EXT_ISA_NAME  avx512, avx2 or baseline
+//   RNN_EXT_VECTOR_BYTES  16, 32 or 64      RNN_EXT_ISA_NAME  avx512_bf16, avx512, avx2 or baseline
 //   RNN_EXT_TILE_ROWS     rows of C per tile RNN_EXT_MAX_ACC   vector accumulators a tile may use
+//   RNN_EXT_BF16          (avx512_bf16 only, with <immintrin.h> included) also the bfloat16 kernels
 // Everything here has internal linkage, so no function compiled for a wider ISA can be picked by
 // the linker for another translation unit.
 //
@@ -103,23 +104,29 @@ RNN_EXT_INLINE vec<double> tanh_vec(vec<double> x) {
   return x;
 }
 
-template <typename scalar_t>
-RNN_EXT_INLINE vec<scalar_t> apply_epilogue(vec<scalar_t> c, Epilogue epilogue, const scalar_t* h) {
+// load_y() gives the vector of the step's outputs that the gradient epilogues read.
+template <typename scalar_t, typename LoadY>
+RNN_EXT_INLINE vec<scalar_t> apply_epilogue(vec<scalar_t> c, Epilogue epilogue, LoadY&& load_y) {
   switch (epilogue) {
     case Epilogue::kTanh:
       return tanh_vec(c);
     case Epilogue::kRelu:
       return c < scalar_t(0) ? vec<scalar_t>{} : c;  // NaN passes through, as in torch.relu
     case Epilogue::kTanhGrad: {
-      const vec<scalar_t> y = load(h);
+      const vec<scalar_t> y = load_y();
       return c * (scalar_t(1) - y * y);
     }
     case Epilogue::kReluGrad:
-      return load(h) > scalar_t(0) ? c : vec<scalar_t>{};
+      return load_y() > scalar_t(0) ? c : vec<scalar_t>{};
     case Epilogue::kNone:
       break;
   }
   return c;
+}
+
+template <typename scalar_t>
+RNN_EXT_INLINE vec<scalar_t> apply_epilogue(vec<scalar_t> c, Epilogue epilogue, const scalar_t* h) {
+  return apply_epilogue<scalar_t>(c, epilogue, [h] { return load(h); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -131,16 +138,35 @@ int64_t panels(int64_t cols) {
 }
 
 template <typename scalar_t>
-void pack(int64_t depth, int64_t cols, const scalar_t* W, int64_t ldw, scalar_t* packed) {
+int64_t packed_size(int64_t depth, int64_t cols) {
+  return panels<scalar_t>(cols) * depth * kPanelWidth<scalar_t>;
+}
+
+// Calls copy(depth_index k, column j of the panel, W[k, p * width + j]) for every element of panel
+// p, reading W along its contiguous dimension (a row-major W row by row, a transposed one column
+// by column); columns past cols are left alone.
+template <int width, typename value_t, typename F>
+RNN_EXT_INLINE void for_panel_elements(
+    int64_t p, int64_t depth, int64_t cols, const value_t* W, int64_t stride_k, int64_t stride_j, F&& copy) {
+  const int64_t col0 = p * width;
+  const int64_t n = cols - col0 < width ? cols - col0 : width;
+  if (stride_j == 1) {
+    for (int64_t k = 0; k < depth; ++k)
+      for (int64_t j = 0; j < n; ++j) copy(k, j, W[k * stride_k + col0 + j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t k = 0; k < depth; ++k) copy(k, j, W[(col0 + j) * stride_j + k * stride_k]);
+  }
+}
+
+template <typename scalar_t>
+void pack(int64_t depth, int64_t cols, const scalar_t* W, int64_t stride_k, int64_t stride_j, scalar_t* packed) {
   constexpr int width = kPanelWidth<scalar_t>;
+  for (int64_t i = 0; i < packed_size<scalar_t>(depth, cols); ++i) packed[i] = scalar_t(0);
   for (int64_t p = 0; p < panels<scalar_t>(cols); ++p) {
-    for (int64_t k = 0; k < depth; ++k) {
-      scalar_t* dst = packed + (p * depth + k) * width;
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t col = p * width + j;
-        dst[j] = col < cols ? W[k * ldw + col] : scalar_t(0);
-      }
-    }
+    scalar_t* panel = packed + p * depth * width;
+    for_panel_elements<width>(p, depth, cols, W, stride_k, stride_j,
+                              [&](int64_t k, int64_t j, scalar_t w) { panel[k * width + j] = w; });
   }
 }
 
@@ -155,12 +181,48 @@ int64_t panels_per_tile(int64_t job_rows) {
 
 // The rows of one row block: a[i], c[i] and y[i] point at row i of A (nullptr: no product), C and
 // y (nullptr: the epilogue reads no y), at column 0.
-template <typename scalar_t>
+template <typename scalar_t, typename c_t = scalar_t>
 struct TileRows {
   const scalar_t* a[kTileRows];
-  scalar_t* c[kTileRows];
+  c_t* c[kTileRows];
   const scalar_t* y[kTileRows];
 };
+
+// Where tile `index` of a job lies: its row block and its first panel. Tiles go down a band of row
+// blocks with one panel group, then the band's next group, and so on, then the next band: a band
+// of A (about kBandBytes) stays in L2 while every panel of W passes by, and a panel stays in
+// cache while it serves the band's row blocks. (Tall products, the input projection and
+// grad_input, would otherwise re-read all of A from memory for every panel.)
+struct TilePosition {
+  int64_t row_block, panel;
+};
+constexpr int64_t kBandBytes = int64_t{256} << 10;
+
+RNN_EXT_INLINE TilePosition tile_position(
+    int64_t index, int64_t rows, int64_t depth, int64_t element_bytes, int64_t groups, int64_t group_panels) {
+  const int64_t row_blocks = (rows + kTileRows - 1) / kTileRows;
+  const int64_t block_bytes = kTileRows * (depth > 0 ? depth : 1) * element_bytes;
+  const int64_t band = kBandBytes / block_bytes > 1 ? kBandBytes / block_bytes : 1;  // row blocks per band
+  const int64_t first = index / (band * groups) * band;  // the band's first row block
+  const int64_t band_blocks = row_blocks - first < band ? row_blocks - first : band;
+  const int64_t within = index - first * groups;
+  return {first + within % band_blocks, within / band_blocks * group_panels};
+}
+
+// The rows of row block `row_block` of a job, into block; returns how many there are.
+template <typename scalar_t, typename c_t>
+int64_t row_block(const StepJob<scalar_t, c_t>& job, int64_t row_block, TileRows<scalar_t, c_t>& block) {
+  const int64_t r0 = row_block * kTileRows;
+  const int64_t count = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
+  const RowIndex& at = job.index;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t r = r0 + i;
+    block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
+    block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
+    block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
+  }
+  return count;
+}
 
 // ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob), the tile's columns from col0
 // on; row points at the tile's first column of the start row (nullptr for a zero start).
@@ -275,21 +337,12 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
   constexpr int width = kPanelWidth<scalar_t>;
   const int64_t panel_count = panels<scalar_t>(job.cols);
   const int64_t g = panels_per_tile<scalar_t>(job.rows);
-  const int64_t row_blocks = (job.rows + kTileRows - 1) / kTileRows;
-  // Consecutive tiles share a panel group (and walk down the rows), so a panel is read from
-  // memory once and then served from cache to every row block.
+  const int64_t groups = (panel_count + g - 1) / g;
   for (int64_t index = begin; index < end; ++index) {
-    const int64_t r0 = (index % row_blocks) * kTileRows;
-    const int64_t count = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
+    const TilePosition at = tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
     TileRows<scalar_t> block;  // the row block's rows, at column 0 (the first count of each)
-    const RowIndex& at = job.index;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t r = r0 + i;
-      block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
-      block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
-      block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
-    }
-    int64_t p = (index / row_blocks) * g;
+    const int64_t count = row_block(job, at.row_block, block);
+    int64_t p = at.panel;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
     // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<scalar_t, G>.
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
@@ -472,9 +525,173 @@ void dot_grad_pair(const DotGradJob<scalar_t>& job, int64_t operand) {
   }
 }
 
+#ifdef RNN_EXT_BF16
+// ---------------------------------------------------------------------------------------------
+// bfloat16 (AVX512_BF16): the float tile with depth taken in pairs. vdpbf16ps adds
+// a[2j] * b[2j] + a[2j + 1] * b[2j + 1] into float lane j; with a the broadcast pair (A[r, 2q],
+// A[r, 2q + 1]) and b 16 columns of W's packed pair q (IsaKernels<bf16_t>), lane j gains column
+// j's two products. Sums stay in float over the whole depth; bfloat16 C and y are widened on load
+// and C rounded to nearest even on store (vcvtneps2bf16, which flushes float denormals to zero).
+// Columns past cols are masked, so a ragged last panel needs no local copy.
+
+constexpr int kBf16Lanes = 16;
+constexpr int kBf16PanelWidth = kVectorsPerPanel * kBf16Lanes;
+static_assert(kBf16PanelWidth == kPanelWidth<float>, "bf16 and float tiles share their column panels");
+
+int64_t bf16_pairs(int64_t depth) { return (depth + 1) / 2; }
+
+int64_t bf16_packed_size(int64_t depth, int64_t cols) {
+  return panels<float>(cols) * bf16_pairs(depth) * 2 * kBf16PanelWidth;
+}
+
+void pack_bf16(int64_t depth, int64_t cols, const bf16_t* W, int64_t stride_k, int64_t stride_j, bf16_t* packed) {
+  constexpr int width = kBf16PanelWidth;
+  const int64_t pairs = bf16_pairs(depth);
+  for (int64_t i = 0; i < bf16_packed_size(depth, cols); ++i) packed[i] = bf16_t(0);
+  for (int64_t p = 0; p < panels<float>(cols); ++p) {
+    bf16_t* panel = packed + p * pairs * 2 * width;
+    // depth row k of column j: the (k % 2) half of the column's 32-bit lane in pair k / 2
+    for_panel_elements<width>(p, depth, cols, W, stride_k, stride_j, [&](int64_t k, int64_t j, bf16_t w) {
+      panel[((k / 2) * width + j) * 2 + k % 2] = w;
+    });
+  }
+}
+
+RNN_EXT_INLINE __m512 load_float(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+RNN_EXT_INLINE __m512 load_float(const bf16_t* p, __mmask16 mask) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+RNN_EXT_INLINE void store_float(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+RNN_EXT_INLINE void store_float(bf16_t* p, __mmask16 mask, __m512 v) {
+  _mm256_mask_storeu_epi16(p, mask, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+
+// A's pair (p[0], p[1]) in every lane; p[1] is not read when only one is left (single).
+RNN_EXT_INLINE __m512bh broadcast_pair(const bf16_t* p, bool single) {
+  uint32_t pair = p[0];
+  if (!single) __builtin_memcpy(&pair, p, sizeof(pair));
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pair)));
+}
+
+// ROWS x (G panels) of C = epilogue(start + A @ W) (start: StepJob), the tile's columns from col0
+// on, of which the first `valid` are C's (the rest masked).
+template <typename c_t, int ROWS, int G>
+RNN_EXT_INLINE void bf16_tile(
+    const StepJob<bf16_t, c_t>& job, const TileRows<bf16_t, c_t>& rows, int64_t col0, const bf16_t* W,
+    int64_t valid) {
+  constexpr int lanes = kBf16Lanes;
+  constexpr int width = kBf16PanelWidth;
+  constexpr int vectors = G * kVectorsPerPanel;
+  __mmask16 mask[vectors];
+#pragma GCC unroll 8
+  for (int v = 0; v < vectors; ++v) {
+    const int64_t left = valid - v * lanes;
+    mask[v] = left >= lanes ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+  __m512 acc[ROWS][vectors];
+  if (job.accumulate) {
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < vectors; ++v) acc[i][v] = load_float(rows.c[i] + col0 + v * lanes, mask[v]);
+  } else {
+#pragma GCC unroll 8
+    for (int v = 0; v < vectors; ++v) {
+      acc[0][v] = job.row != nullptr ? load_float(job.row + col0 + v * lanes, mask[v]) : _mm512_setzero_ps();
+    }
+#pragma GCC unroll 8
+    for (int i = 1; i < ROWS; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < vectors; ++v) acc[i][v] = acc[0][v];
+  }
+  if (rows.a[0] != nullptr) {
+    const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
+    const int64_t pairs = bf16_pairs(job.depth);
+    const bool odd = job.depth % 2 != 0;
+    for (int64_t q = 0; q < pairs; ++q) {
+      __m512bh b[vectors];
+#pragma GCC unroll 8
+      for (int v = 0; v < vectors; ++v) {
+        b[v] = reinterpret_cast<__m512bh>(
+            _mm512_loadu_si512(W + (v / kVectorsPerPanel) * panel_stride + q * 2 * width + (v % kVectorsPerPanel) * 2 * lanes));
+        asm("" : "+v"(b[v]));  // keep b in a register, as in the float tile
+      }
+      const bool single = odd && q + 1 == pairs;
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; ++i) {
+        const __m512bh a = broadcast_pair(rows.a[i] + 2 * q, single);
+#pragma GCC unroll 8
+        for (int v = 0; v < vectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < vectors; ++v) {
+      const auto load_y = [&] { return load_float(rows.y[i] + col0 + v * lanes, mask[v]); };
+      store_float(rows.c[i] + col0 + v * lanes, mask[v], apply_epilogue<float>(acc[i][v], job.epilogue, load_y));
+    }
+}
+
+template <typename c_t, int G>
+void bf16_tile_rows(
+    int64_t count, const StepJob<bf16_t, c_t>& job, const TileRows<bf16_t, c_t>& rows, int64_t col0, const bf16_t* W,
+    int64_t valid) {
+#define RNN_EXT_BF16_TILE_CASE(R)                                              \
+  case R:                                                                      \
+    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {     \
+      bf16_tile<c_t, R, G>(job, rows, col0, W, valid);                         \
+      return;                                                                  \
+    }                                                                          \
+    break;
+  switch (count) {
+    RNN_EXT_BF16_TILE_CASE(1)
+    RNN_EXT_BF16_TILE_CASE(2)
+    RNN_EXT_BF16_TILE_CASE(3)
+    RNN_EXT_BF16_TILE_CASE(4)
+    RNN_EXT_BF16_TILE_CASE(5)
+    RNN_EXT_BF16_TILE_CASE(6)
+    RNN_EXT_BF16_TILE_CASE(7)
+    RNN_EXT_BF16_TILE_CASE(8)
+  }
+#undef RNN_EXT_BF16_TILE_CASE
+  __builtin_trap();  // unreachable, as in tile_rows
+}
+
+// Tiles as num_tiles<float> numbers them (the same column panels), as run_tiles runs them.
+template <typename c_t>
+void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end) {
+  constexpr int width = kBf16PanelWidth;
+  const int64_t panel_count = panels<float>(job.cols);
+  const int64_t g = panels_per_tile<float>(job.rows);
+  const int64_t groups = (panel_count + g - 1) / g;
+  const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
+  for (int64_t index = begin; index < end; ++index) {
+    const TilePosition at = tile_position(index, job.rows, job.depth, sizeof(bf16_t), groups, g);
+    TileRows<bf16_t, c_t> block;
+    const int64_t count = row_block(job, at.row_block, block);
+    int64_t p = at.panel;
+    const int64_t p_end = p + g < panel_count ? p + g : panel_count;
+    const auto run_tile = [&](int64_t panel, auto tile_fn) {
+      tile_fn(count, job, block, panel * width, job.W + panel * panel_stride, job.cols - panel * width);
+    };
+    for (; p + 4 <= p_end && g >= 4; p += 4) run_tile(p, bf16_tile_rows<c_t, 4>);
+    for (; p + 2 <= p_end && g >= 2; p += 2) run_tile(p, bf16_tile_rows<c_t, 2>);
+    for (; p < p_end; ++p) run_tile(p, bf16_tile_rows<c_t, 1>);
+  }
+}
+
+IsaKernels<bf16_t> bf16_kernels() {
+  return {kBf16PanelWidth, &bf16_packed_size, &pack_bf16, &num_tiles<float>, &bf16_run_tiles<bf16_t>,
+          &bf16_run_tiles<float>};
+}
+#endif  // RNN_EXT_BF16
+
 template <typename scalar_t>
 IsaKernels<scalar_t> kernels() {
-  return {kPanelWidth<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>, &dot_columns<scalar_t>,
+  return {kPanelWidth<scalar_t>, &packed_size<scalar_t>, &pack<scalar_t>, &num_tiles<scalar_t>, &run_tiles<scalar_t>, &dot_columns<scalar_t>,
           &dot_grad_pair<scalar_t>};
 }
 
@@ -484,5 +701,8 @@ IsaKernels<scalar_t> kernels() {
 #define RNN_EXT_CONCAT(a, b) RNN_EXT_CONCAT_(a, b)
 IsaKernels<float> RNN_EXT_CONCAT(RNN_EXT_ISA_NAME, _kernels_f32)() { return kernels<float>(); }
 IsaKernels<double> RNN_EXT_CONCAT(RNN_EXT_ISA_NAME, _kernels_f64)() { return kernels<double>(); }
+#ifdef RNN_EXT_BF16
+IsaKernels<bf16_t> RNN_EXT_CONCAT(RNN_EXT_ISA_NAME, _kernels_bf16)() { return bf16_kernels(); }
+#endif
 
 }  // namespace rnn_ext::cpu

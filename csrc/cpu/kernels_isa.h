@@ -1,11 +1,14 @@
-// Kernels compiled once per x86-64 instruction set (kernels_avx512.cpp, kernels_avx2.cpp,
-// kernels_baseline.cpp, all from kernels_impl.h); kernels.cpp picks one set when the library loads.
-// Plain pointers only: these translation units include no ATen headers.
+// Kernels compiled once per x86-64 instruction set (kernels_avx512_bf16.cpp, kernels_avx512.cpp,
+// kernels_avx2.cpp, kernels_baseline.cpp, all from kernels_impl.h); kernels.cpp picks one set when
+// the library loads. Plain pointers only: these translation units include no ATen headers.
 #pragma once
 
 #include <cstdint>
 
 namespace rnn_ext::cpu {
+
+// A bfloat16 value as its bits (c10::BFloat16's layout: the high half of a float).
+using bf16_t = uint16_t;
 
 // What a recurrence step does to each finished tile of C before storing it.
 enum class Epilogue : int32_t {
@@ -27,20 +30,21 @@ struct RowIndex {
 // One step's product C[rows, cols] = epilogue(S + A[rows, depth] @ W[depth, cols]), W packed by
 // IsaKernels::pack, where the start S is C itself (accumulate), or else the row vector `row` [cols] on every row
 // (zero when row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
-// receive no recurrent term. Rows are numbered through `index`.
-template <typename scalar_t>
+// receive no recurrent term. Rows are numbered through `index`. C has the operands' type, except
+// that a bfloat16 product may also add into a float C (c_t); the sums run in float for bfloat16.
+template <typename scalar_t, typename c_t = scalar_t>
 struct StepJob {
   int64_t rows, cols, depth;
   const scalar_t* A;  // [rows, depth], rows lda apart
   int64_t lda;
   const scalar_t* W;  // packed [depth, cols]
-  scalar_t* C;        // [rows, cols], rows ldc apart
+  c_t* C;             // [rows, cols], rows ldc apart
   int64_t ldc;
   Epilogue epilogue;
   const scalar_t* y;  // [rows, cols], rows ldy apart: the outputs the gradient epilogues read
   int64_t ldy;
   bool accumulate;
-  const scalar_t* row;  // [cols] or nullptr; read only when !accumulate
+  const c_t* row;  // [cols] or nullptr; read only when !accumulate
   RowIndex index;
 };
 
@@ -86,9 +90,12 @@ struct DotGradJob {
 template <typename scalar_t>
 struct IsaKernels {
   // Columns per packed panel. Packed W holds ceil(cols / panel_width) panels of depth x panel_width
-  // elements (zero-padded past cols), each contiguous.
+  // elements (zero-padded past cols), each contiguous: packed_size(depth, cols) elements. pack
+  // reads W[k, j] at W + k * stride_k + j * stride_j; one of the strides is 1 (W row-major, or
+  // the transpose of a row-major matrix).
   int64_t panel_width;
-  void (*pack)(int64_t depth, int64_t cols, const scalar_t* W, int64_t ldw, scalar_t* packed);
+  int64_t (*packed_size)(int64_t depth, int64_t cols);
+  void (*pack)(int64_t depth, int64_t cols, const scalar_t* W, int64_t stride_k, int64_t stride_j, scalar_t* packed);
   // The job splits into independent tiles [0, num_tiles), run in any order or in parallel.
   int64_t (*num_tiles)(int64_t rows, int64_t cols);
   void (*run_tiles)(const StepJob<scalar_t>& job, int64_t begin, int64_t end);
@@ -98,6 +105,23 @@ struct IsaKernels {
   void (*dot_grad_pair)(const DotGradJob<scalar_t>& job, int64_t operand);
 };
 
+// The bfloat16 step kernels (the CPU's bf16 dot-product instruction, vdpbf16ps): only the
+// avx512_bf16 set has them. A panel holds, for each pair of depth rows (2q, 2q + 1), its columns'
+// two values side by side (one 32-bit lane per column, as the instruction pairs its operands),
+// the second zero past an odd depth: ceil(depth / 2) * 2 * panel_width elements.
+template <>
+struct IsaKernels<bf16_t> {
+  int64_t panel_width;
+  int64_t (*packed_size)(int64_t depth, int64_t cols);
+  void (*pack)(int64_t depth, int64_t cols, const bf16_t* W, int64_t stride_k, int64_t stride_j, bf16_t* packed);
+  int64_t (*num_tiles)(int64_t rows, int64_t cols);
+  void (*run_tiles)(const StepJob<bf16_t>& job, int64_t begin, int64_t end);
+  void (*run_tiles_float_c)(const StepJob<bf16_t, float>& job, int64_t begin, int64_t end);
+};
+
+IsaKernels<float> avx512_bf16_kernels_f32();
+IsaKernels<double> avx512_bf16_kernels_f64();
+IsaKernels<bf16_t> avx512_bf16_kernels_bf16();
 IsaKernels<float> avx512_kernels_f32();
 IsaKernels<double> avx512_kernels_f64();
 IsaKernels<float> avx2_kernels_f32();

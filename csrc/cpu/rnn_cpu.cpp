@@ -7,8 +7,13 @@
 // Backward: per direction a walk against time builds grad_z (gradient of the pre-activation) in
 // one [N, D*H] buffer; grad_input is then one product over all rows.
 //
-// float16 and bfloat16 are not native here: the driver computes them in float32 and rounds the
-// results, as nn.RNN's CPU path does.
+// bfloat16 is native where the CPU has AVX512_BF16 (the avx512_bf16 kernels): every product runs
+// on bf16 operands with float sums, and each step's state is rounded to bfloat16 as it is stored
+// in output, the operand the next step's product needs (nn.RNN rounds it too, and more often:
+// after each GEMM, the sum and the activation). The input projection is rounded once, into output,
+// before the steps add their products to it; grad_z likewise per step, and grad_hx sums in float.
+// Other CPUs, and float16 everywhere, are not native: the driver computes them in float32 and
+// rounds the results.
 #include "../layer.h"
 #include "kernels.h"
 
@@ -85,9 +90,8 @@ template <typename scalar_t>
 void product_into(
     int64_t rows, const at::Tensor& a, const at::Tensor& w, const at::Tensor& row, at::Tensor& c, RowIndex index) {
   const auto a_ = a.contiguous();
-  const auto w_ = w.contiguous();
   const auto row_ = row.defined() ? row.contiguous() : row;
-  const PackedWeight<scalar_t> packed(w_.data_ptr<scalar_t>(), w_.size(1), w_.size(0), w_.size(1));
+  const PackedWeight<scalar_t> packed(w);
   product<scalar_t>(rows, a_.data_ptr<scalar_t>(), a_.size(1), packed, c.data_ptr<scalar_t>(), c.size(1),
                     row_.defined() ? row_.data_ptr<scalar_t>() : nullptr, index);
 }
@@ -96,12 +100,14 @@ class CpuBackend {
  public:
   CpuBackend(const at::Tensor& /*input*/, const LayerSizes& /*sizes*/) {}
 
-  static bool native(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
+  static bool native(at::ScalarType dtype) {
+    return dtype == at::kFloat || dtype == at::kDouble || (dtype == at::kBFloat16 && has_bf16_kernels());
+  }
   static constexpr bool kRowOrder = true;
 
   template <typename F>
   static void dispatch(at::ScalarType dtype, F&& f) {
-    AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_ext_cpu", [&] { f(DType<scalar_t>{}); });
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rnn_ext_cpu", [&] { f(DType<scalar_t>{}); });
   }
 
   // Both directions run side by side on two threads, each single-threaded (no per-step
@@ -135,7 +141,7 @@ class CpuBackend {
   }
 
   void zero_rows(at::Tensor& t, const RowSet& rows) {
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnn_ext_zero_rows", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t.scalar_type(), "rnn_ext_zero_rows", [&] {
       const int64_t cols = t.size(1);
       scalar_t* data = t.data_ptr<scalar_t>();
       for (int64_t r = 0; r < rows.count; ++r) {
@@ -149,7 +155,7 @@ class CpuBackend {
   at::Tensor gather_rows(const at::Tensor& t, const StepSchedule& steps) {
     const RowPairs rows = steps.step_rows_in_layout_order();
     auto gathered = at::empty({rows.count, t.size(1)}, t.options());
-    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "rnn_ext_gather_rows", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t.scalar_type(), "rnn_ext_gather_rows", [&] {
       const int64_t cols = t.size(1);
       scalar_t* dst = gathered.data_ptr<scalar_t>();
       const scalar_t* src = t.data_ptr<scalar_t>();
@@ -170,8 +176,7 @@ class CpuBackend {
     const Epilogue act = activation(dir.relu);
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
-    const at::Tensor w_hh_t = dir.w_hh.t().contiguous();
-    const PackedWeight<scalar_t> packed(w_hh_t.data_ptr<scalar_t>(), H, H, H);
+    const PackedWeight<scalar_t> packed(dir.w_hh.t());
     const StepRows order{steps.order()};
     steps.walk(dir.reverse, Pass::kForward, [&](const Step& now) {
       scalar_t* h = dir.output + now.offset * ld;
@@ -201,8 +206,7 @@ class CpuBackend {
     const Epilogue act_grad = activation_grad(dir.relu);
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
-    const at::Tensor w_hh = dir.w_hh.contiguous();
-    const PackedWeight<scalar_t> packed(w_hh.data_ptr<scalar_t>(), H, H, H);
+    const PackedWeight<scalar_t> packed(dir.w_hh);
     const StepRows order{steps.order()};
     const int64_t ldg = ld * steps.gathered_stride();  // rows apart in the gathered layout: grad_z, h_prev
     steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
