@@ -98,6 +98,34 @@ def test_main_writes_table_markdown_and_plot(tmp_path, monkeypatch, variable, ba
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize("variable", [None, "packed", "lengths"])
+def test_autocast_mode_runs_both_models_under_autocast(tmp_path, monkeypatch, capsys, variable):
+    monkeypatch.setattr(benchmark, "PEAK_SIZE", 64)
+    markdown = tmp_path / "bench.md"
+    seen = []
+    real_run = benchmark.run_model_as_is
+
+    def spy(model, batch):  # which dtype each model computes in, inside the timed calls
+        output, h_n = real_run(model, batch)
+        seen.append((type(model).__module__.split(".")[0], output.dtype, torch.is_autocast_enabled("cpu")))
+        return output, h_n
+
+    monkeypatch.setattr(benchmark, "run_model_as_is", spy)
+    argv = ["--autocast", "--shapes", "2,5,3,4,2,yes", "--rounds", "1", "--min-time", "0", "--markdown", str(markdown)]
+    rows = benchmark.main(argv + ([f"--{variable}"] if variable else []))
+    assert len(rows) == 1 and rows[0].speedup("fwd_bwd") > 0
+    assert {package for package, _, _ in seen} == {"torch", "rnn_ext"}
+    assert all(dtype == torch.bfloat16 and enabled for _, dtype, enabled in seen)
+    assert "float32 under autocast(bfloat16)" in capsys.readouterr().out
+    assert "- dtype: float32, under torch.autocast('cpu', dtype=torch.bfloat16)" in markdown.read_text()
+
+
+def test_autocast_mode_needs_float32_models(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--autocast", "--dtype", "bfloat16"])
+    assert "--autocast runs float32 models" in capsys.readouterr().err
+
+
 def test_cell_mode_writes_table_and_markdown(tmp_path, capsys):
     markdown = tmp_path / "cell.md"
     rows = benchmark.main(["--cell", "--shapes", "2,3,4,5", "1,6,8", "--rounds", "1", "--min-time", "0",

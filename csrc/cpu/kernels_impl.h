@@ -39,6 +39,7 @@ constexpr int kTileRows = RNN_EXT_TILE_ROWS;
 constexpr int kMaxAcc = RNN_EXT_MAX_ACC;
 
 #define RNN_EXT_INLINE inline __attribute__((always_inline))
+#define RNN_EXT_INLINE_LAMBDA __attribute__((always_inline))
 
 template <typename scalar_t>
 RNN_EXT_INLINE vec<scalar_t> load(const scalar_t* p) {
@@ -607,9 +608,8 @@ RNN_EXT_INLINE void bf16_tile(
   }
   if (rows.a[0] != nullptr) {
     const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
-    const int64_t pairs = bf16_pairs(job.depth);
-    const bool odd = job.depth % 2 != 0;
-    for (int64_t q = 0; q < pairs; ++q) {
+    // Adds pair q's products; single: only A's first value is left (an odd depth's last pair).
+    const auto add_pair = [&](int64_t q, bool single) RNN_EXT_INLINE_LAMBDA {
       __m512bh b[vectors];
 #pragma GCC unroll 8
       for (int v = 0; v < vectors; ++v) {
@@ -617,14 +617,17 @@ RNN_EXT_INLINE void bf16_tile(
             _mm512_loadu_si512(W + (v / kVectorsPerPanel) * panel_stride + q * 2 * width + (v % kVectorsPerPanel) * 2 * lanes));
         asm("" : "+v"(b[v]));  // keep b in a register, as in the float tile
       }
-      const bool single = odd && q + 1 == pairs;
 #pragma GCC unroll 8
       for (int i = 0; i < ROWS; ++i) {
         const __m512bh a = broadcast_pair(rows.a[i] + 2 * q, single);
 #pragma GCC unroll 8
         for (int v = 0; v < vectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
       }
-    }
+    };
+    const int64_t whole = job.depth / 2;
+#pragma GCC unroll 2
+    for (int64_t q = 0; q < whole; ++q) add_pair(q, false);
+    if (job.depth % 2 != 0) add_pair(whole, true);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < ROWS; ++i)
@@ -641,7 +644,8 @@ void bf16_tile_rows(
     int64_t valid) {
 #define RNN_EXT_BF16_TILE_CASE(R)                                              \
   case R:                                                                      \
-    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc) {     \
+    if constexpr (R <= kTileRows && R * G * kVectorsPerPanel <= kMaxAcc &&     \
+                  (R + 1) * G * kVectorsPerPanel + 1 <= 32) {                  \
       bf16_tile<c_t, R, G>(job, rows, col0, W, valid);                         \
       return;                                                                  \
     }                                                                          \
@@ -660,12 +664,26 @@ void bf16_tile_rows(
   __builtin_trap();  // unreachable, as in tile_rows
 }
 
-// Tiles as num_tiles<float> numbers them (the same column panels), as run_tiles runs them.
+// Panels per tile, as panels_per_tile, but with a register for the broadcast pair of A as well as
+// the tile's accumulators and W vectors (3 rows of 4 panels would spill).
+int64_t bf16_panels_per_tile(int64_t job_rows) {
+  const int64_t rows = job_rows < kTileRows ? job_rows : kTileRows;
+  const auto fits = [&](int64_t g) { return (rows + 1) * g * kVectorsPerPanel + 1 <= 32 && rows * g * kVectorsPerPanel <= kMaxAcc; };
+  return fits(4) ? 4 : fits(2) ? 2 : 1;
+}
+
+int64_t bf16_num_tiles(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const int64_t g = bf16_panels_per_tile(rows);
+  return (rows + kTileRows - 1) / kTileRows * ((panels<float>(cols) + g - 1) / g);
+}
+
+// Tiles as bf16_num_tiles numbers them, in run_tiles' order.
 template <typename c_t>
 void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end) {
   constexpr int width = kBf16PanelWidth;
   const int64_t panel_count = panels<float>(job.cols);
-  const int64_t g = panels_per_tile<float>(job.rows);
+  const int64_t g = bf16_panels_per_tile(job.rows);
   const int64_t groups = (panel_count + g - 1) / g;
   const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
   for (int64_t index = begin; index < end; ++index) {
@@ -684,7 +702,7 @@ void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end)
 }
 
 IsaKernels<bf16_t> bf16_kernels() {
-  return {kBf16PanelWidth, &bf16_packed_size, &pack_bf16, &num_tiles<float>, &bf16_run_tiles<bf16_t>,
+  return {kBf16PanelWidth, &bf16_packed_size, &pack_bf16, &bf16_num_tiles, &bf16_run_tiles<bf16_t>,
           &bf16_run_tiles<float>};
 }
 #endif  // RNN_EXT_BF16
