@@ -195,3 +195,21 @@ def test_plot_without_matplotlib_is_a_usage_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--shapes", "2,5,3,4", "--plot", "x.png"])
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_low_precision_accuracy_script_writes_its_table(tmp_path):
+    """benchmarks/low_precision_accuracy.py (the accuracy half of results/cpu-bf16.md) still runs."""
+    import os
+    import subprocess
+
+    from reference import subprocess_env
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "low_precision_accuracy.py")
+    markdown = tmp_path / "accuracy.md"
+    result = subprocess.run([sys.executable, script, "--shapes", "3,6,4,5,2,yes", "--markdown", str(markdown)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in markdown.read_text().splitlines() if line.startswith("| 3,6,4,5,2,yes |")]
+    assert [row.split(" | ")[1] for row in rows] == ["bfloat16", "autocast(bfloat16)", "float16"]
+    for row in rows:  # output error, nn.RNN's, ratio, grads error, nn.RNN's, ratio: all positive numbers
+        assert all(float(cell) > 0 for cell in row.strip("| ").split(" | ")[2:])

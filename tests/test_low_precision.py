@@ -25,6 +25,7 @@ CONFIGS = [
     (5, 9, 3, 5, 1, False, "tanh"),
     (33, 12, 97, 130, 1, False, "relu"),
     (9, 20, 16, 40, 2, True, "tanh"),
+    (2, 10, 1, 100, 1, False, "tanh"),  # 2-row tiles of 4 panels, a ragged one; a depth of 1
 ]
 
 

@@ -6,12 +6,6 @@
 #include <cstdlib>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RNN_EXT_HAS_BF16_KERNELS 1  // kernels_avx512_bf16.cpp compiles them
-#else
-#define RNN_EXT_HAS_BF16_KERNELS 0
-#endif
-
 namespace rnn_ext::cpu {
 
 namespace {
@@ -30,7 +24,7 @@ bool cpu_has_avx512() {
 }
 
 bool cpu_has_avx512_bf16() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if RNN_EXT_HAS_BF16_KERNELS  // built with the kernels, and a compiler that can ask the CPU
   return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
@@ -159,7 +153,7 @@ std::string cpu_isa() {
 }
 
 bool has_bf16_kernels() {
-  return RNN_EXT_HAS_BF16_KERNELS && active_isa() == "avx512_bf16";
+  return active_isa() == "avx512_bf16";  // picked only where they are built (cpu_has_avx512_bf16)
 }
 
 template <typename scalar_t>

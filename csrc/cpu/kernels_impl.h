@@ -210,10 +210,10 @@ RNN_EXT_INLINE TilePosition tile_position(
   return {first + within % band_blocks, within / band_blocks * group_panels};
 }
 
-// The rows of row block `row_block` of a job, into block; returns how many there are.
+// The rows of row block `which` of a job, into block; returns how many there are.
 template <typename scalar_t, typename c_t>
-int64_t row_block(const StepJob<scalar_t, c_t>& job, int64_t row_block, TileRows<scalar_t, c_t>& block) {
-  const int64_t r0 = row_block * kTileRows;
+int64_t row_block(const StepJob<scalar_t, c_t>& job, int64_t which, TileRows<scalar_t, c_t>& block) {
+  const int64_t r0 = which * kTileRows;
   const int64_t count = job.rows - r0 < kTileRows ? job.rows - r0 : kTileRows;
   const RowIndex& at = job.index;
   for (int64_t i = 0; i < count; ++i) {
@@ -340,10 +340,10 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
   const int64_t g = panels_per_tile<scalar_t>(job.rows);
   const int64_t groups = (panel_count + g - 1) / g;
   for (int64_t index = begin; index < end; ++index) {
-    const TilePosition at = tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
+    const TilePosition tile_at = tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
     TileRows<scalar_t> block;  // the row block's rows, at column 0 (the first count of each)
-    const int64_t count = row_block(job, at.row_block, block);
-    int64_t p = at.panel;
+    const int64_t count = row_block(job, tile_at.row_block, block);
+    int64_t p = tile_at.panel;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
     // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<scalar_t, G>.
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
@@ -532,7 +532,8 @@ void dot_grad_pair(const DotGradJob<scalar_t>& job, int64_t operand) {
 // a[2j] * b[2j] + a[2j + 1] * b[2j + 1] into float lane j; with a the broadcast pair (A[r, 2q],
 // A[r, 2q + 1]) and b 16 columns of W's packed pair q (IsaKernels<bf16_t>), lane j gains column
 // j's two products. Sums stay in float over the whole depth; bfloat16 C and y are widened on load
-// and C rounded to nearest even on store (vcvtneps2bf16, which flushes float denormals to zero).
+// and C rounded to nearest even on store (vcvtneps2bf16). Both instructions treat float denormals
+// (below 1.2e-38) as zero.
 // Columns past cols are masked, so a ragged last panel needs no local copy.
 
 constexpr int kBf16Lanes = 16;
@@ -687,10 +688,10 @@ void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end)
   const int64_t groups = (panel_count + g - 1) / g;
   const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
   for (int64_t index = begin; index < end; ++index) {
-    const TilePosition at = tile_position(index, job.rows, job.depth, sizeof(bf16_t), groups, g);
+    const TilePosition tile_at = tile_position(index, job.rows, job.depth, sizeof(bf16_t), groups, g);
     TileRows<bf16_t, c_t> block;
-    const int64_t count = row_block(job, at.row_block, block);
-    int64_t p = at.panel;
+    const int64_t count = row_block(job, tile_at.row_block, block);
+    int64_t p = tile_at.panel;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
       tile_fn(count, job, block, panel * width, job.W + panel * panel_stride, job.cols - panel * width);

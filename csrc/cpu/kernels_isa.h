@@ -10,6 +10,14 @@ namespace rnn_ext::cpu {
 // A bfloat16 value as its bits (c10::BFloat16's layout: the high half of a float).
 using bf16_t = uint16_t;
 
+// Whether kernels_avx512_bf16.cpp compiles the bfloat16 kernels: x86-64 GCC 10 or later, for its
+// `#pragma GCC target("avx512bf16")` and the intrinsics that need it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10
+#define RNN_EXT_HAS_BF16_KERNELS 1
+#else
+#define RNN_EXT_HAS_BF16_KERNELS 0
+#endif
+
 // What a recurrence step does to each finished tile of C before storing it.
 enum class Epilogue : int32_t {
   kNone,
@@ -91,8 +99,8 @@ template <typename scalar_t>
 struct IsaKernels {
   // Columns per packed panel. Packed W holds ceil(cols / panel_width) panels of depth x panel_width
   // elements (zero-padded past cols), each contiguous: packed_size(depth, cols) elements. pack
-  // reads W[k, j] at W + k * stride_k + j * stride_j; one of the strides is 1 (W row-major, or
-  // the transpose of a row-major matrix).
+  // reads W[k, j] at W + k * stride_k + j * stride_j, along j when stride_j is 1 (W row-major),
+  // else along k (fast when stride_k is 1: the transpose of a row-major matrix).
   int64_t panel_width;
   int64_t (*packed_size)(int64_t depth, int64_t cols);
   void (*pack)(int64_t depth, int64_t cols, const scalar_t* W, int64_t stride_k, int64_t stride_j, scalar_t* packed);
