@@ -75,6 +75,18 @@ def test_opcheck_forward(name, requires_grad, device):
     torch.library.opcheck(torch.ops.rnn_ext.rnn_layer.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["dense-bidir", "packed-bidir-relu"])
+def test_opcheck_low_precision(name, dtype, device):
+    """The bfloat16 kernels (and float16's float32 route) under opcheck, forward and backward."""
+    sample = layer_sample(requires_grad=True, dtype=dtype, device=device, **SAMPLES[name])
+    torch.library.opcheck(torch.ops.rnn_ext.rnn_layer.default, ops.layer_args(*sample))
+    input, hx, weights, batch_sizes, relu = layer_sample(dtype=dtype, device=device, **SAMPLES[name])
+    output, h_n = ops.run_layer(input, hx, weights, batch_sizes, relu)
+    args = (random_like(output), random_like(h_n), input, hx, weights, batch_sizes, relu, output, [True, True, True])
+    torch.library.opcheck(torch.ops.rnn_ext.rnn_layer_backward.default, args)
+
+
 def random_like(t):
     """Random numbers of t's shape, dtype and device, drawn on the CPU."""
     return randn(*t.shape, dtype=t.dtype, device=t.device)
