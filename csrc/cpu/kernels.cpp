@@ -153,7 +153,8 @@ std::string cpu_isa() {
 }
 
 bool has_bf16_kernels() {
-  return active_isa() == "avx512_bf16";  // picked only where they are built (cpu_has_avx512_bf16)
+  static const bool has = active_isa() == "avx512_bf16";  // picked only where built (cpu_has_avx512_bf16)
+  return has;
 }
 
 template <typename scalar_t>

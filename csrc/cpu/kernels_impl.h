@@ -342,12 +342,41 @@ void partial_panel_tile(
   }
 }
 
+// Tiles of a job of `rows` rows and `panel_count` column panels, g panels per tile.
+int64_t tile_count(int64_t rows, int64_t panel_count, int64_t g) {
+  if (rows <= 0 || panel_count <= 0) return 0;
+  return (rows + kTileRows - 1) / kTileRows * ((panel_count + g - 1) / g);
+}
+
 template <typename scalar_t>
 int64_t num_tiles(int64_t rows, int64_t cols) {
-  if (rows <= 0 || cols <= 0) return 0;
-  const int64_t row_blocks = (rows + kTileRows - 1) / kTileRows;
-  const int64_t g = panels_per_tile<scalar_t>(rows);
-  return row_blocks * ((panels<scalar_t>(cols) + g - 1) / g);
+  return tile_count(rows, panels<scalar_t>(cols), panels_per_tile<scalar_t>(rows));
+}
+
+// Calls body(count, block, first panel, end panel) for tiles [begin, end) of a job whose tiles
+// hold g panels of `width` columns (tile_position's order): block holds the tile's count rows.
+// Before each tile, the next tile's C and y rows are prefetched.
+template <typename scalar_t, typename c_t, typename F>
+RNN_EXT_INLINE void for_each_tile(
+    const StepJob<scalar_t, c_t>& job, int64_t begin, int64_t end, int64_t width, int64_t g, F&& body) {
+  const int64_t panel_count = (job.cols + width - 1) / width;
+  const int64_t groups = (panel_count + g - 1) / g;
+  const auto position = [&](int64_t index) {
+    return tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
+  };
+  TilePosition tile_at = position(begin);
+  for (int64_t index = begin; index < end; ++index) {
+    TileRows<scalar_t, c_t> block;  // the row block's rows, at column 0 (the first count of each)
+    const int64_t count = row_block(job, tile_at.row_block, block);
+    const int64_t p = tile_at.panel;
+    const int64_t p_end = p + g < panel_count ? p + g : panel_count;
+    if (index + 1 < end) {
+      tile_at = position(index + 1);
+      const int64_t col0 = tile_at.panel * width;
+      prefetch_tile_rows(job, tile_at.row_block, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
+    }
+    body(count, block, p, p_end);
+  }
 }
 
 template <typename scalar_t>
@@ -355,21 +384,7 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
   constexpr int width = kPanelWidth<scalar_t>;
   const int64_t panel_count = panels<scalar_t>(job.cols);
   const int64_t g = panels_per_tile<scalar_t>(job.rows);
-  const int64_t groups = (panel_count + g - 1) / g;
-  const auto position = [&](int64_t index) {
-    return tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
-  };
-  TilePosition tile_at = position(begin);
-  for (int64_t index = begin; index < end; ++index) {
-    TileRows<scalar_t> block;  // the row block's rows, at column 0 (the first count of each)
-    const int64_t count = row_block(job, tile_at.row_block, block);
-    int64_t p = tile_at.panel;
-    const int64_t p_end = p + g < panel_count ? p + g : panel_count;
-    if (index + 1 < end) {
-      tile_at = position(index + 1);
-      const int64_t col0 = tile_at.panel * width;
-      prefetch_tile_rows(job, tile_at.row_block, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
-    }
+  for_each_tile(job, begin, end, width, g, [&](int64_t count, const TileRows<scalar_t>& block, int64_t p, int64_t p_end) {
     // The tile of panel `panel` (and the next G - 1) on this row block, by tile_rows<scalar_t, G>.
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
       const int64_t col0 = panel * width;
@@ -382,7 +397,7 @@ void run_tiles(const StepJob<scalar_t>& job, int64_t begin, int64_t end) {
     for (; p + 2 <= whole_end && g >= 2; p += 2) run_tile(p, tile_rows<scalar_t, 2>);
     for (; p < whole_end; ++p) run_tile(p, tile_rows<scalar_t, 1>);
     if (p < p_end) run_tile(p, partial_panel_tile<scalar_t>);
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,40 +714,23 @@ int64_t bf16_panels_per_tile(int64_t job_rows) {
 }
 
 int64_t bf16_num_tiles(int64_t rows, int64_t cols) {
-  if (rows <= 0 || cols <= 0) return 0;
-  const int64_t g = bf16_panels_per_tile(rows);
-  return (rows + kTileRows - 1) / kTileRows * ((panels<float>(cols) + g - 1) / g);
+  return tile_count(rows, panels<float>(cols), bf16_panels_per_tile(rows));
 }
 
 // Tiles as bf16_num_tiles numbers them, in run_tiles' order.
 template <typename c_t>
 void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end) {
   constexpr int width = kBf16PanelWidth;
-  const int64_t panel_count = panels<float>(job.cols);
   const int64_t g = bf16_panels_per_tile(job.rows);
-  const int64_t groups = (panel_count + g - 1) / g;
   const int64_t panel_stride = bf16_pairs(job.depth) * 2 * width;
-  const auto position = [&](int64_t index) {
-    return tile_position(index, job.rows, job.depth, sizeof(bf16_t), groups, g);
-  };
-  TilePosition tile_at = position(begin);
-  for (int64_t index = begin; index < end; ++index) {
-    TileRows<bf16_t, c_t> block;
-    const int64_t count = row_block(job, tile_at.row_block, block);
-    int64_t p = tile_at.panel;
-    const int64_t p_end = p + g < panel_count ? p + g : panel_count;
-    if (index + 1 < end) {
-      tile_at = position(index + 1);
-      const int64_t col0 = tile_at.panel * width;
-      prefetch_tile_rows(job, tile_at.row_block, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
-    }
+  for_each_tile(job, begin, end, width, g, [&](int64_t count, const TileRows<bf16_t, c_t>& block, int64_t p, int64_t p_end) {
     const auto run_tile = [&](int64_t panel, auto tile_fn) {
       tile_fn(count, job, block, panel * width, job.W + panel * panel_stride, job.cols - panel * width);
     };
     for (; p + 4 <= p_end && g >= 4; p += 4) run_tile(p, bf16_tile_rows<c_t, 4>);
     for (; p + 2 <= p_end && g >= 2; p += 2) run_tile(p, bf16_tile_rows<c_t, 2>);
     for (; p < p_end; ++p) run_tile(p, bf16_tile_rows<c_t, 1>);
-  }
+  });
 }
 
 IsaKernels<bf16_t> bf16_kernels() {
