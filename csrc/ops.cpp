@@ -173,9 +173,9 @@ at::Tensor row_index(const RowSet& rows) {
 }
 
 StepSchedule StepSchedule::half(int64_t which) const {
-  TORCH_INTERNAL_ASSERT(padded_ && (which == 0 || which == 1));
+  TORCH_INTERNAL_ASSERT(which == 0 || which == 1);
   StepSchedule half;
-  half.padded_ = true;
+  half.padded_ = padded_;
   half.rows_ = rows_;
   half.batch_ = batch_;
   half.gathered_stride_ = 2 * gathered_stride_;

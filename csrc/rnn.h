@@ -111,8 +111,8 @@ class StepSchedule {
   // The batch rows that run no step (a padded batch's rows of length 0): [B - started()] int64 on the CPU.
   at::Tensor idle_rows() const;
 
-  // Half `which` (0 or 1) of a padded batch's rows: those at even (odd) positions of the walk's row
-  // order, as a schedule of their own. Sequences are independent, so the two halves can be walked
+  // Half `which` (0 or 1) of the rows: those at even (odd) positions of the walk's row order, as a
+  // schedule of their own (a padded one's order, or the batch's). Sequences are independent, so the two halves can be walked
   // at the same time, with no synchronisation per step; each keeps its rows where the whole
   // schedule has them, in the layout and in the gathered layout (every other row: stride 2). Only
   // the walk's members (steps, size, offset, gathered_offset, gathered_stride, order) are set.

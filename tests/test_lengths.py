@@ -143,26 +143,6 @@ def test_padding_values_are_never_read(padding, device):
     torch.testing.assert_close(results[0], results[1])
 
 
-@pytest.mark.parametrize("lengths", [[5, 1, 4, 4, 2, 5, 3], [2, 6], [6, 0, 0]])
-def test_one_thread_and_two_halves_agree(lengths):
-    """With two threads the CPU walks a padded batch's rows in two halves side by side; with one,
-    all rows together. Each row's arithmetic is the same, so the results are too."""
-    torch.manual_seed(12)
-    ours, _ = make_pair(3, 5, num_layers=2, nonlinearity="relu")
-    x = padded_batch(lengths, 3, torch.float64, "cpu", seq_len=6)
-    hx = randn(2, len(lengths), 5, requires_grad=True)
-    grad_output, grad_h_n = randn(6, len(lengths), 5), randn(2, len(lengths), 5)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(run_and_grads(lambda: ours(x, hx, lengths=lengths), ours, x, hx, grad_output, grad_h_n))
-    finally:
-        torch.set_num_threads(threads)
-    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
-
-
 def test_lengths_forms(device):
     """A list of ints, an int64 or int32 tensor, on the CPU or on the input's device: one result."""
     torch.manual_seed(3)

@@ -111,8 +111,8 @@ class CpuBackend {
   }
 
   // Both directions run side by side on two threads, each single-threaded (no per-step
-  // synchronisation); one direction splits each step's tiles over the threads instead, or, for a
-  // padded batch, its rows in two halves (walk_in_halves).
+  // synchronisation); one direction splits its rows in two halves (walk_in_halves), or else each
+  // step's tiles over the threads.
   template <typename F>
   void for_each_direction(const LayerSizes& s, F&& body) {
     if (s.D > 1 && at::get_num_threads() > 1) {
@@ -169,7 +169,7 @@ class CpuBackend {
   // output[t] = act(output[t] + h_prev @ w_hh^T), h_prev the walk's previous state or hx.
   template <typename scalar_t>
   void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir, bool single_thread) {
-    if (walk_in_halves(steps, single_thread)) {
+    if (walk_in_halves(steps, dir.H, single_thread)) {
       in_halves(steps, [&](const StepSchedule& half) { forward_walk(half, dir, /*single_thread=*/true); });
       return;
     }
@@ -199,7 +199,7 @@ class CpuBackend {
   // grad_z[t] = (grad_output[t] + grad_z[next] @ w_hh, or + grad_h_n where a sequence ends) * act'.
   template <typename scalar_t>
   void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir, bool single_thread) {
-    if (walk_in_halves(steps, single_thread)) {
+    if (walk_in_halves(steps, dir.H, single_thread)) {
       in_halves(steps, [&](const StepSchedule& half) { backward_walk(half, dir, /*single_thread=*/true); });
       return;
     }
@@ -245,11 +245,16 @@ class CpuBackend {
   }
 
  private:
-  // A padded batch's direction walked by one thread splits its rows in two halves, walked side by
-  // side (sequences are independent): no synchronisation per step, where splitting each step's
-  // tiles would pay for one at every step, and could not split small steps at all.
-  static bool walk_in_halves(const StepSchedule& steps, bool single_thread) {
-    return !single_thread && steps.padded() && steps.started() > 1 && at::get_num_threads() > 1;
+  // A direction walked by one thread splits its rows in two halves, walked side by side
+  // (sequences are independent): no synchronisation per step, where splitting each step's tiles
+  // pays for one at every step, and cannot split small steps at all. It takes halves of
+  // kMinHalfRows rows or more, and a walk whose products (rows x H x H multiply-adds over all
+  // steps) pay for waking the second thread; smaller walks are faster on one thread.
+  static constexpr int64_t kMinHalfRows = 4;
+  static constexpr int64_t kMinHalvesMacs = int64_t{1} << 19;
+  static bool walk_in_halves(const StepSchedule& steps, int64_t H, bool single_thread) {
+    return !single_thread && at::get_num_threads() > 1 && steps.started() >= 2 * kMinHalfRows &&
+        steps.gathered_rows() * H * H >= kMinHalvesMacs;
   }
 
   template <typename F>
