@@ -31,6 +31,8 @@
 //       zeroes those rows of t (the padding rows of a padded batch)
 //   at::Tensor gather_rows(const at::Tensor& t [N, C] contiguous, const StepSchedule&)
 //       the rows the steps own, in step order (StepSchedule::step_rows): [gathered rows, C]
+//   std::vector<at::Tensor> weight_grads(grad_z, x, hx, output, h_prev, const LayerSizes&)
+//       rnn_ext::weight_grads (rnn.h), its arguments and result, by whichever products are fastest
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -229,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
     // A padded batch's input gathered as grad_z is: the products follow the real rows, and padding
     // (which may hold anything, even NaN) never meets them.
     const auto x = steps.padded() ? backend.gather_rows(input.contiguous(), steps) : input;
-    grad_weights = weight_grads(grad_z, x, h0, out, h_prev, s);
+    grad_weights = backend.weight_grads(grad_z, x, h0, out, h_prev, s);
   }
   return {grad_input, output_mask[1] ? grad_hx.to(dtype) : at::empty({0}, options), grad_weights};
 }

@@ -344,19 +344,14 @@ at::Tensor dense_grad_w_hh(
 
 }  // namespace
 
-std::vector<at::Tensor> weight_grads(
-    const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
-    const at::Tensor& h_prev, const LayerSizes& sizes) {
+std::vector<at::Tensor> weight_grads_from(const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products) {
   const int64_t H = sizes.H;
-  const auto x = input.contiguous();
   const auto grad_b = sizes.has_bias ? grad_z.sum(0) : at::Tensor();
   std::vector<at::Tensor> grads;
   for (int64_t d = 0; d < sizes.D; ++d) {
-    const auto grad_z_d = grad_z.narrow(1, d * H, H);
-    grads.push_back(at::mm(grad_z_d.t(), x));
-    grads.push_back(
-        h_prev.defined() ? at::mm(grad_z_d.t(), h_prev.narrow(1, d * H, H))
-                         : dense_grad_w_hh(grad_z_d, output.narrow(1, d * H, H), hx[d], d == 1, sizes));
+    auto [grad_w_ih, grad_w_hh] = products(d);
+    grads.push_back(std::move(grad_w_ih));
+    grads.push_back(std::move(grad_w_hh));
     if (sizes.has_bias) {
       // b_ih and b_hh get equal, but separate, gradients: op outputs must not alias.
       grads.push_back(grad_b.narrow(0, d * H, H).clone());
@@ -364,6 +359,19 @@ std::vector<at::Tensor> weight_grads(
     }
   }
   return grads;
+}
+
+std::vector<at::Tensor> weight_grads(
+    const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
+    const at::Tensor& h_prev, const LayerSizes& sizes) {
+  const int64_t H = sizes.H;
+  const auto x = input.contiguous();
+  return weight_grads_from(grad_z, sizes, [&](int64_t d) -> std::pair<at::Tensor, at::Tensor> {
+    const auto grad_z_d = grad_z.narrow(1, d * H, H);
+    return {at::mm(grad_z_d.t(), x),
+            h_prev.defined() ? at::mm(grad_z_d.t(), h_prev.narrow(1, d * H, H))
+                             : dense_grad_w_hh(grad_z_d, output.narrow(1, d * H, H), hx[d], d == 1, sizes)};
+  });
 }
 
 }  // namespace rnn_ext

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -193,6 +194,11 @@ at::Tensor stacked_bias(at::TensorList weights, const LayerSizes& sizes);
 std::vector<at::Tensor> weight_grads(
     const at::Tensor& grad_z, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& output,
     const at::Tensor& h_prev, const LayerSizes& sizes);
+
+// weight_grads' list, with direction d's (grad_w_ih, grad_w_hh) from products(d): for a backend
+// with products of its own. The biases' gradients are grad_z's column sums.
+using WeightProducts = std::function<std::pair<at::Tensor, at::Tensor>(int64_t d)>;
+std::vector<at::Tensor> weight_grads_from(const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products);
 
 // Whether a layer runs no time step (no input rows, or every length 0): then h_n is hx. The one test for it.
 inline bool runs_no_step(const StepSchedule& steps) {

@@ -26,6 +26,10 @@ CONFIGS = [
     (33, 12, 97, 130, 1, False, "relu"),
     (9, 20, 16, 40, 2, True, "tanh"),
     (2, 10, 1, 100, 1, False, "tanh"),  # 2-row tiles of 4 panels, a ragged one; a depth of 1
+    # Over 1024 rows: the weight gradients' products (depth: every row) add up chunks of 1024 rows;
+    # 1147 rows are odd, so the last chunk ends on a single row.
+    (41, 30, 20, 40, 1, True, "tanh"),
+    (37, 31, 24, 36, 1, False, "relu"),
 ]
 
 
@@ -92,26 +96,35 @@ def test_without_bias_and_batch_first(dtype):
 
 
 LENGTHS = [11, 3, 11, 7, 1, 9, 5, 11, 2]
+# 1440 rows in all: the weight gradients' products (whose depth is every row) in two chunks.
+LONG_LENGTHS = [60 - 7 * b % 50 for b in range(40)]
 
 
-def packed_run(module, x, hx):
-    """The padded x packed with LENGTHS; output is the packed data padded back."""
-    packed = pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False)
-    output, h_n = module(packed, hx)
-    return pad_packed_sequence(output, total_length=x.shape[0])[0], h_n
+def packed_run(lengths):
+    def run(module, x, hx):
+        """The padded x packed with lengths; output is the packed data padded back."""
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        output, h_n = module(packed, hx)
+        return pad_packed_sequence(output, total_length=x.shape[0])[0], h_n
+
+    return run
 
 
-def lengths_run(module, x, hx):
-    if isinstance(module, rnn_ext.RNN):
-        return module(x, hx, lengths=torch.tensor(LENGTHS))
-    return packed_run(module, x, hx)  # nn.RNN's way to the same result
+def lengths_run(lengths):
+    def run(module, x, hx):
+        if isinstance(module, rnn_ext.RNN):
+            return module(x, hx, lengths=torch.tensor(lengths))
+        return packed_run(lengths)(module, x, hx)  # nn.RNN's way to the same result
+
+    return run
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("config", [(9, 11, 17, 33, 2, True, "relu"), (9, 11, 40, 64, 1, False, "tanh")])
+@pytest.mark.parametrize("config", [(9, 11, 17, 33, 2, True, "relu"), (9, 11, 40, 64, 1, False, "tanh"),
+                                    (40, 60, 24, 36, 1, True, "tanh")])
 @pytest.mark.parametrize("run", [packed_run, lengths_run], ids=["packed", "lengths"])
 def test_variable_length_error_at_most_twice_nn_rnns(dtype, config, run):
-    compare_with_nn_rnn(dtype, config, run)
+    compare_with_nn_rnn(dtype, config, run(LENGTHS if config[0] == len(LENGTHS) else LONG_LENGTHS))
 
 
 def autocast_run(dtype):

@@ -183,6 +183,56 @@ void product(
       /*single_thread=*/false);
 }
 
+namespace {
+
+// IsaKernels<bf16_t>::pack_pairs of every pair of the rows, threaded.
+void pack_pairs(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_t* dst, int64_t pair_stride,
+                int64_t group_stride) {
+  const IsaKernels<bf16_t>& k = kernels<bf16_t>();
+  at::parallel_for(0, (rows + 1) / 2, 64, [&](int64_t begin, int64_t end) {
+    k.pack_pairs(rows, cols, row, dst, pair_stride, group_stride, begin, end);
+  });
+}
+
+std::vector<const bf16_t*> row_pointers(const at::Tensor& t) {  // [rows, cols] contiguous
+  std::vector<const bf16_t*> rows(t.size(0));
+  const bf16_t* data = bits(t.data_ptr<c10::BFloat16>());
+  for (int64_t r = 0; r < t.size(0); ++r) rows[r] = data + r * t.size(1);
+  return rows;
+}
+
+}  // namespace
+
+Bf16TransposedProducts::Bf16TransposedProducts(const at::Tensor& g) : rows_(g.size(0)), pairs_((rows_ + 1) / 2) {
+  const auto g_ = g.contiguous();
+  packed_ = at::empty({(g_.size(1) + 31) / 32 * pairs_ * 64}, g.options());
+  pack_pairs(rows_, g_.size(1), row_pointers(g_).data(), bits(packed_.data_ptr<c10::BFloat16>()), /*pair_stride=*/64,
+             /*group_stride=*/pairs_ * 64);
+}
+
+at::Tensor Bf16TransposedProducts::times(
+    int64_t col0, int64_t cols, const std::vector<const c10::BFloat16*>& m_rows, int64_t m_cols) const {
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(m_rows.size()) == rows_);
+  // A's row r (g's column col0 + r) starts at 2 * a_rows[r] elements into a chunk's pairs.
+  std::vector<int64_t> a_rows(cols);
+  for (int64_t r = 0; r < cols; ++r) a_rows[r] = (col0 + r) / 32 * pairs_ * 32 + (col0 + r) % 32;
+  auto sums = at::empty({cols, m_cols}, packed_.options().dtype(at::kFloat));
+  const int64_t groups = (m_cols + 31) / 32;
+  auto packed_m = at::empty({kChunkRows / 2 * 64 * groups}, packed_.options());  // one chunk of m as W
+  bf16_t* w = bits(packed_m.data_ptr<c10::BFloat16>());
+  const bf16_t* const* m = reinterpret_cast<const bf16_t* const*>(m_rows.data());
+  for (int64_t r0 = 0; r0 < rows_; r0 += kChunkRows) {
+    const int64_t depth = std::min(kChunkRows, rows_ - r0);
+    pack_pairs(depth, m_cols, m + r0, w, /*pair_stride=*/64, /*group_stride=*/(depth + 1) / 2 * 64);
+    const bf16_t* a = bits(packed_.data_ptr<c10::BFloat16>()) + r0 / 2 * 64;
+    const StepJob<bf16_t, float> job{cols, m_cols, depth, a, /*lda=*/2, w, sums.data_ptr<float>(), m_cols,
+                                     Epilogue::kNone, nullptr, 0, /*accumulate=*/r0 > 0, nullptr,
+                                     RowIndex{a_rows.data(), nullptr, nullptr}, /*a_pair_stride=*/64};
+    run(job, /*single_thread=*/false);
+  }
+  return sums.to(at::kBFloat16);
+}
+
 template <typename scalar_t>
 void dot_step(const DotJob<scalar_t>& job) {
   const IsaKernels<scalar_t>& k = kernels<scalar_t>();

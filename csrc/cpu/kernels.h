@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "kernels_isa.h"
 
@@ -53,6 +54,25 @@ template <typename scalar_t>
 void product(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
     int64_t ldc, const std::type_identity_t<scalar_t>* row = nullptr, RowIndex index = {});
+
+// The weight gradients' products of a bfloat16 layer, g^T @ m: g [rows, cols] (grad_z) against
+// several m [rows, m_cols] (the input, the states), the depth being every step's row (thousands).
+// Both are packed as W [rows, *] is (pack_pairs): g once, as the transpose's rows, 32 at a time, a
+// depth pair at a time; each m in chunks of kChunkRows rows, which the product adds into a float C
+// one by one, so that both operands' chunks stay in cache while C's tiles pass by. Needs
+// has_bf16_kernels().
+class Bf16TransposedProducts {
+ public:
+  explicit Bf16TransposedProducts(const at::Tensor& g);  // [rows, cols] bfloat16
+  // g[:, col0 : col0 + cols]^T @ m, m's row r at m_rows[r] ([m_cols] each): [cols, m_cols] bfloat16,
+  // each element rounded once from its float sum.
+  at::Tensor times(int64_t col0, int64_t cols, const std::vector<const c10::BFloat16*>& m_rows, int64_t m_cols) const;
+
+ private:
+  static constexpr int64_t kChunkRows = 1024;
+  int64_t rows_, pairs_;
+  at::Tensor packed_;
+};
 
 // A DotJob (kernels_isa.h), threaded over columns when it is large enough.
 template <typename scalar_t>

@@ -660,7 +660,7 @@ RNN_EXT_INLINE void bf16_tile(
       }
 #pragma GCC unroll 8
       for (int i = 0; i < ROWS; ++i) {
-        const __m512bh a = broadcast_pair(rows.a[i] + 2 * q, single);
+        const __m512bh a = broadcast_pair(rows.a[i] + q * job.a_pair_stride, single);
 #pragma GCC unroll 8
         for (int v = 0; v < vectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, b[v]);
       }
@@ -733,9 +733,34 @@ void bf16_run_tiles(const StepJob<bf16_t, c_t>& job, int64_t begin, int64_t end)
   });
 }
 
+// IsaKernels<bf16_t>::pack_pairs: each 32-column group of a row pair interleaved by two permutes.
+void pack_pairs_bf16(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_t* dst, int64_t pair_stride,
+                     int64_t group_stride, int64_t begin, int64_t end) {
+  constexpr int group = 2 * kBf16Lanes;  // columns per group: 32 bfloat16, one 512-bit load per row
+  alignas(64) int16_t low[group], high[group];  // lane 2c + h takes column c (c + 16) of row h
+  for (int i = 0; i < group; ++i) {
+    low[i] = static_cast<int16_t>(i / 2 + (i % 2) * group);
+    high[i] = static_cast<int16_t>(low[i] + kBf16Lanes);
+  }
+  const __m512i low_index = _mm512_load_si512(low), high_index = _mm512_load_si512(high);
+  for (int64_t q = begin; q < end; ++q) {
+    const bf16_t* first = row[2 * q];
+    const bf16_t* second = 2 * q + 1 < rows ? row[2 * q + 1] : nullptr;
+    for (int64_t c0 = 0, p = 0; c0 < cols; c0 += group, ++p) {
+      const int64_t left = cols - c0;
+      const __mmask32 mask = left >= group ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, first + c0);
+      const __m512i b = second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + c0) : _mm512_setzero_si512();
+      bf16_t* out = dst + q * pair_stride + p * group_stride;
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, low_index, b));
+      _mm512_storeu_si512(out + group, _mm512_permutex2var_epi16(a, high_index, b));
+    }
+  }
+}
+
 IsaKernels<bf16_t> bf16_kernels() {
   return {kBf16PanelWidth, &bf16_packed_size, &pack_bf16, &bf16_num_tiles, &bf16_run_tiles<bf16_t>,
-          &bf16_run_tiles<float>};
+          &bf16_run_tiles<float>, &pack_pairs_bf16};
 }
 #endif  // RNN_EXT_BF16
 

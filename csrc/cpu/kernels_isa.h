@@ -54,6 +54,9 @@ struct StepJob {
   bool accumulate;
   const c_t* row;  // [cols] or nullptr; read only when !accumulate
   RowIndex index;
+  // bfloat16 only: elements from depth pair q of an A row to pair q + 1. 2: A's rows run along the
+  // depth; else A is in pack_pairs' layout (a row's pairs are this far apart, rows lda = 2 apart).
+  int64_t a_pair_stride = 2;
 };
 
 // One step with the weights as stored, unpacked (nn.Linear's [out, in] layout), for a few rows:
@@ -125,6 +128,15 @@ struct IsaKernels<bf16_t> {
   int64_t (*num_tiles)(int64_t rows, int64_t cols);
   void (*run_tiles)(const StepJob<bf16_t>& job, int64_t begin, int64_t end);
   void (*run_tiles_float_c)(const StepJob<bf16_t, float>& job, int64_t begin, int64_t end);
+  // Pairs [begin, end) of the rows row[0, rows) (each [cols]) side by side: for pair q (rows 2q and
+  // 2q + 1, the second zero past an odd count) and column group p (columns 32p to 32p + 31, zero
+  // past cols), the group's values of both rows, one 32-bit lane per column, at dst + q *
+  // pair_stride + p * group_stride (64 elements). With group_stride 64 a pair's groups follow each
+  // other: the transpose of the rows, as a bf16 tile's A taken a depth pair at a time
+  // (StepJob::a_pair_stride = pair_stride); with pair_stride 64, it is pack's layout of the rows
+  // as W [rows, cols] (group_stride = ceil(rows / 2) * 64).
+  void (*pack_pairs)(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_t* dst, int64_t pair_stride,
+                     int64_t group_stride, int64_t begin, int64_t end);
 };
 
 IsaKernels<float> avx512_bf16_kernels_f32();

@@ -41,6 +41,36 @@ struct StepRows {
 
 int64_t row_at(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
 
+using Bf16Rows = std::vector<const c10::BFloat16*>;
+
+// Rows [0, count) of t (rows t.stride(0) apart), from column col0 on.
+Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0) {
+  Bf16Rows rows(count);
+  const c10::BFloat16* data = t.data_ptr<c10::BFloat16>() + col0;
+  for (int64_t r = 0; r < count; ++r) rows[r] = data + r * t.stride(0);
+  return rows;
+}
+
+// The state each row of a dense batch's direction d started from (weight_grads' h_prev, read in
+// place): the output B rows earlier (later, in reverse), or hx[d] for the walk's first step.
+// output [N, D*H] and hx [D, B, H] contiguous.
+Bf16Rows dense_state_rows(const at::Tensor& output, const at::Tensor& hx, int64_t d, const LayerSizes& s) {
+  const bool reverse = d == 1;
+  const int64_t later = s.N - s.B;  // rows whose step started from an output
+  const Bf16Rows outputs = rows_of(output, s.N, d * s.H);
+  const Bf16Rows first = rows_of(hx[d], s.B, 0);
+  Bf16Rows rows;
+  rows.reserve(s.N);
+  if (reverse) {
+    rows.insert(rows.end(), outputs.begin() + s.B, outputs.end());
+    rows.insert(rows.end(), first.begin(), first.end());
+  } else {
+    rows.insert(rows.end(), first.begin(), first.end());
+    rows.insert(rows.end(), outputs.begin(), outputs.begin() + later);
+  }
+  return rows;
+}
+
 // A loop the compiler vectorizes in place: rows here are short, and a memcpy call per row costs
 // as much as the copy.
 template <typename scalar_t>
@@ -164,6 +194,21 @@ class CpuBackend {
       }
     });
     return gathered;
+  }
+
+  // bfloat16 on the bf16 kernels: each product's depth is every step's row, which they sum in
+  // float; other dtypes through ATen.
+  std::vector<at::Tensor> weight_grads(
+      const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& hx, const at::Tensor& output,
+      const at::Tensor& h_prev, const LayerSizes& s) {
+    if (grad_z.scalar_type() != at::kBFloat16) return rnn_ext::weight_grads(grad_z, x, hx, output, h_prev, s);
+    const Bf16TransposedProducts grad_z_t(grad_z);
+    const auto x_ = x.contiguous();
+    const auto input_rows = rows_of(x_, x_.size(0), 0);
+    return weight_grads_from(grad_z, s, [&](int64_t d) -> std::pair<at::Tensor, at::Tensor> {
+      const auto state_rows = h_prev.defined() ? rows_of(h_prev, h_prev.size(0), d * s.H) : dense_state_rows(output, hx, d, s);
+      return {grad_z_t.times(d * s.H, s.H, input_rows, s.I), grad_z_t.times(d * s.H, s.H, state_rows, s.H)};
+    });
   }
 
   // output[t] = act(output[t] + h_prev @ w_hh^T), h_prev the walk's previous state or hx.

@@ -240,6 +240,13 @@ class CudaBackend {
     return t.index_select(0, row_index(steps.step_rows()).to(t.device()));
   }
 
+  // cuBLAS through ATen.
+  std::vector<at::Tensor> weight_grads(
+      const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& hx, const at::Tensor& output,
+      const at::Tensor& h_prev, const LayerSizes& s) {
+    return rnn_ext::weight_grads(grad_z, x, hx, output, h_prev, s);
+  }
+
   // Per step: z = h_prev @ w_hh^T (h_prev: the walk's previous state, or hx), then the fused
   // kernel output[t] = act(output[t] + z), which also stores h_n for the rows ending here.
   template <typename scalar_t>
