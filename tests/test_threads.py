@@ -9,25 +9,27 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import rnn_ext
 from reference import make_pair, outputs_and_grads
 
-# (lengths, hidden size) and the walk they get with two threads: 9 rows of H=96 walk in halves of 5
-# and 4 rows (odd, so the halves differ); 4 rows of H=192 split each step's tiles (4 x 192 x 192
-# multiply-adds a step); one row of H=24 runs on one thread.
+# (lengths, input size, hidden size) and the walk they get with two threads: 9 rows of H=96 walk in
+# halves of 5 and 4 rows (odd, so the halves differ); 4 rows of H=192 split each step's tiles
+# (4 x 192 x 192 multiply-adds a step); one row of H=24 runs on one thread. "bands": an input
+# projection of depth 1024 over 300 rows, whose tiles walk several bands of row blocks (kernels_impl.h's
+# TileOrder), the threads' shares starting mid-band.
 WALKS = {
-    "halves": ([20, 3, 17, 20, 1, 9, 14, 20, 6], 96),
-    "tiles": ([7, 2, 7, 5], 192),
-    "one_thread": ([9], 24),
+    "halves": ([20, 3, 17, 20, 1, 9, 14, 20, 6], 16, 96),
+    "tiles": ([7, 2, 7, 5], 16, 192),
+    "one_thread": ([9], 16, 24),
+    "bands": ([10, 9, 10] * 10, 1024, 70),
 }
 KINDS = ["dense", "packed", "lengths"]
-INPUT_SIZE = 16
 
 
-def batch(kind, lengths, hidden, dtype):
+def batch(kind, lengths, input_size, hidden, dtype):
     """[x, hx, grad_output, grad_h_n] for a batch of these lengths: dense runs every row for the
     longest length, packed is a PackedSequence, lengths the padded batch."""
     generator = torch.Generator().manual_seed(7)
     draw = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=generator).to(dtype)  # noqa: E731
     L, B = max(lengths), len(lengths)
-    x, hx = draw(L, B, INPUT_SIZE).requires_grad_(), draw(2, B, hidden).requires_grad_()
+    x, hx = draw(L, B, input_size).requires_grad_(), draw(2, B, hidden).requires_grad_()
     grad_output, grad_h_n = draw(L, B, hidden), draw(2, B, hidden)
     if kind == "packed":
         packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
@@ -63,10 +65,10 @@ def with_threads(count, fn):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("walk", list(WALKS))
 def test_one_thread_and_two_agree(walk, kind, dtype):
-    lengths, hidden = WALKS[walk]
+    lengths, input_size, hidden = WALKS[walk]
     torch.manual_seed(3)
-    ours, _ = make_pair(INPUT_SIZE, hidden, dtype=dtype, num_layers=2, nonlinearity="relu" if walk == "tiles" else "tanh")
-    args = batch(kind, lengths, hidden, dtype)
+    ours, _ = make_pair(input_size, hidden, dtype=dtype, num_layers=2, nonlinearity="relu" if walk == "tiles" else "tanh")
+    args = batch(kind, lengths, input_size, hidden, dtype)
     one, two = (with_threads(count, lambda: run(ours, kind, lengths, *args)) for count in (1, 2))
     torch.testing.assert_close(two, one, rtol=0, atol=0)
 
@@ -74,8 +76,8 @@ def test_one_thread_and_two_agree(walk, kind, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("walk", list(WALKS))
 def test_two_threads_match_nn_rnn(walk, kind):
-    lengths, hidden = WALKS[walk]
+    lengths, input_size, hidden = WALKS[walk]
     torch.manual_seed(4)
-    ours, theirs = make_pair(INPUT_SIZE, hidden, num_layers=2)
-    args = batch(kind, lengths, hidden, torch.float64)
+    ours, theirs = make_pair(input_size, hidden, num_layers=2)
+    args = batch(kind, lengths, input_size, hidden, torch.float64)
     torch.testing.assert_close(with_threads(2, lambda: run(ours, kind, lengths, *args)), run(theirs, kind, lengths, *args))

@@ -189,26 +189,47 @@ struct TileRows {
   const scalar_t* y[kTileRows];
 };
 
-// Where tile `index` of a job lies: its row block and its first panel. Tiles go down a band of row
-// blocks with one panel group, then the band's next group, and so on, then the next band: a band
-// of A (about kBandBytes) stays in L2 while every panel of W passes by, and a panel stays in
-// cache while it serves the band's row blocks. (Tall products, the input projection and
-// grad_input, would otherwise re-read all of A from memory for every panel.)
+// The order of a job's tiles: tiles go down a band of row blocks with one panel group, then the
+// band's next group, and so on, then the next band: a band of A (about kBandBytes) stays in L2
+// while every panel of W passes by, and a panel stays in cache while it serves the band's row
+// blocks. (Tall products, the input projection and grad_input, would otherwise re-read all of A
+// from memory for every panel.)
 struct TilePosition {
   int64_t row_block, panel;
+  int64_t band_start;  // the band's first row block
 };
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
-RNN_EXT_INLINE TilePosition tile_position(
-    int64_t index, int64_t rows, int64_t depth, int64_t element_bytes, int64_t groups, int64_t group_panels) {
-  const int64_t row_blocks = (rows + kTileRows - 1) / kTileRows;
-  const int64_t block_bytes = kTileRows * (depth > 0 ? depth : 1) * element_bytes;
-  const int64_t band = kBandBytes / block_bytes > 1 ? kBandBytes / block_bytes : 1;  // row blocks per band
-  const int64_t first = index / (band * groups) * band;  // the band's first row block
-  const int64_t band_blocks = row_blocks - first < band ? row_blocks - first : band;
-  const int64_t within = index - first * groups;
-  return {first + within % band_blocks, within / band_blocks * group_panels};
-}
+class TileOrder {
+ public:
+  TileOrder(int64_t rows, int64_t depth, int64_t element_bytes, int64_t groups, int64_t group_panels)
+      : row_blocks_((rows + kTileRows - 1) / kTileRows), groups_(groups), group_panels_(group_panels) {
+    const int64_t block_bytes = kTileRows * (depth > 0 ? depth : 1) * element_bytes;
+    band_ = kBandBytes / block_bytes > 1 ? kBandBytes / block_bytes : 1;  // row blocks per band
+  }
+
+  // Where tile `index` lies.
+  TilePosition at(int64_t index) const {
+    const int64_t start = index / (band_ * groups_) * band_;
+    const int64_t within = index - start * groups_;
+    const int64_t blocks = band_blocks(start);
+    return {start + within % blocks, within / blocks * group_panels_, start};
+  }
+
+  // Where the tile after the one at `now` lies: at(index + 1) without its divisions, which cost
+  // as much as a few hundred multiply-adds of a small tile.
+  RNN_EXT_INLINE TilePosition next(const TilePosition& now) const {
+    if (now.row_block + 1 < now.band_start + band_blocks(now.band_start)) {
+      return {now.row_block + 1, now.panel, now.band_start};
+    }
+    if (now.panel + group_panels_ < groups_ * group_panels_) return {now.band_start, now.panel + group_panels_, now.band_start};
+    return {now.band_start + band_, 0, now.band_start + band_};
+  }
+
+ private:
+  int64_t band_blocks(int64_t start) const { return row_blocks_ - start < band_ ? row_blocks_ - start : band_; }
+  int64_t row_blocks_, groups_, group_panels_, band_;
+};
 
 // The rows of row block `which` of a job, into block; returns how many there are.
 template <typename scalar_t, typename c_t>
@@ -354,24 +375,22 @@ int64_t num_tiles(int64_t rows, int64_t cols) {
 }
 
 // Calls body(count, block, first panel, end panel) for tiles [begin, end) of a job whose tiles
-// hold g panels of `width` columns (tile_position's order): block holds the tile's count rows.
+// hold g panels of `width` columns (TileOrder's order): block holds the tile's count rows.
 // Before each tile, the next tile's C and y rows are prefetched.
 template <typename scalar_t, typename c_t, typename F>
 RNN_EXT_INLINE void for_each_tile(
     const StepJob<scalar_t, c_t>& job, int64_t begin, int64_t end, int64_t width, int64_t g, F&& body) {
   const int64_t panel_count = (job.cols + width - 1) / width;
   const int64_t groups = (panel_count + g - 1) / g;
-  const auto position = [&](int64_t index) {
-    return tile_position(index, job.rows, job.depth, sizeof(scalar_t), groups, g);
-  };
-  TilePosition tile_at = position(begin);
+  const TileOrder order(job.rows, job.depth, sizeof(scalar_t), groups, g);
+  TilePosition tile_at = order.at(begin);
   for (int64_t index = begin; index < end; ++index) {
     TileRows<scalar_t, c_t> block;  // the row block's rows, at column 0 (the first count of each)
     const int64_t count = row_block(job, tile_at.row_block, block);
     const int64_t p = tile_at.panel;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
     if (index + 1 < end) {
-      tile_at = position(index + 1);
+      tile_at = order.next(tile_at);
       const int64_t col0 = tile_at.panel * width;
       prefetch_tile_rows(job, tile_at.row_block, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
     }
