@@ -194,43 +194,44 @@ void pack_pairs(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_t* ds
   });
 }
 
-std::vector<const bf16_t*> row_pointers(const at::Tensor& t) {  // [rows, cols] contiguous
-  std::vector<const bf16_t*> rows(t.size(0));
-  const bf16_t* data = bits(t.data_ptr<c10::BFloat16>());
-  for (int64_t r = 0; r < t.size(0); ++r) rows[r] = data + r * t.size(1);
-  return rows;
+const bf16_t* const* row_bits(const Bf16Rows& m, int64_t r0) {
+  return reinterpret_cast<const bf16_t* const*>(m.rows.data() + r0);
 }
 
 }  // namespace
 
-Bf16TransposedProducts::Bf16TransposedProducts(const at::Tensor& g) : rows_(g.size(0)), pairs_((rows_ + 1) / 2) {
-  const auto g_ = g.contiguous();
-  packed_ = at::empty({(g_.size(1) + 31) / 32 * pairs_ * 64}, g.options());
-  pack_pairs(rows_, g_.size(1), row_pointers(g_).data(), bits(packed_.data_ptr<c10::BFloat16>()), /*pair_stride=*/64,
-             /*group_stride=*/pairs_ * 64);
-}
-
-at::Tensor Bf16TransposedProducts::times(
-    int64_t col0, int64_t cols, const std::vector<const c10::BFloat16*>& m_rows, int64_t m_cols) const {
-  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(m_rows.size()) == rows_);
-  // A's row r (g's column col0 + r) starts at 2 * a_rows[r] elements into a chunk's pairs.
-  std::vector<int64_t> a_rows(cols);
-  for (int64_t r = 0; r < cols; ++r) a_rows[r] = (col0 + r) / 32 * pairs_ * 32 + (col0 + r) % 32;
-  auto sums = at::empty({cols, m_cols}, packed_.options().dtype(at::kFloat));
-  const int64_t groups = (m_cols + 31) / 32;
-  auto packed_m = at::empty({kChunkRows / 2 * 64 * groups}, packed_.options());  // one chunk of m as W
-  bf16_t* w = bits(packed_m.data_ptr<c10::BFloat16>());
-  const bf16_t* const* m = reinterpret_cast<const bf16_t* const*>(m_rows.data());
-  for (int64_t r0 = 0; r0 < rows_; r0 += kChunkRows) {
-    const int64_t depth = std::min(kChunkRows, rows_ - r0);
-    pack_pairs(depth, m_cols, m + r0, w, /*pair_stride=*/64, /*group_stride=*/(depth + 1) / 2 * 64);
-    const bf16_t* a = bits(packed_.data_ptr<c10::BFloat16>()) + r0 / 2 * 64;
-    const StepJob<bf16_t, float> job{cols, m_cols, depth, a, /*lda=*/2, w, sums.data_ptr<float>(), m_cols,
-                                     Epilogue::kNone, nullptr, 0, /*accumulate=*/r0 > 0, nullptr,
-                                     RowIndex{a_rows.data(), nullptr, nullptr}, /*a_pair_stride=*/64};
-    run(job, /*single_thread=*/false);
+std::vector<at::Tensor> bf16_transposed_products(const Bf16Rows& g, const std::vector<Bf16Rows>& ms) {
+  const int64_t rows = static_cast<int64_t>(g.rows.size());
+  constexpr int64_t chunk_pairs = kTransposedChunkRows / 2;
+  const auto groups = [](int64_t cols) { return (cols + 31) / 32; };
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  // A chunk of g, as the transpose's rows: A row r (g's column r) at 2 * a_rows[r] elements on.
+  auto packed_g = at::empty({chunk_pairs * 64 * groups(g.cols)}, bf16);
+  std::vector<int64_t> a_rows(g.cols);
+  for (int64_t r = 0; r < g.cols; ++r) a_rows[r] = r / 32 * chunk_pairs * 32 + r % 32;
+  int64_t widest = 0;
+  std::vector<at::Tensor> sums;
+  for (const auto& m : ms) {
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(m.rows.size()) == rows);
+    widest = std::max(widest, m.cols);
+    sums.push_back(at::empty({g.cols, m.cols}, at::TensorOptions().dtype(at::kFloat)));
   }
-  return sums.to(at::kBFloat16);
+  auto packed_m = at::empty({chunk_pairs * 64 * groups(widest)}, bf16);  // a chunk of one m, as W
+  const auto a = bits(packed_g.data_ptr<c10::BFloat16>());
+  const auto w = bits(packed_m.data_ptr<c10::BFloat16>());
+  for (int64_t r0 = 0; r0 < rows; r0 += kTransposedChunkRows) {
+    const int64_t depth = std::min(kTransposedChunkRows, rows - r0);
+    pack_pairs(depth, g.cols, row_bits(g, r0), a, /*pair_stride=*/64, /*group_stride=*/chunk_pairs * 64);
+    for (size_t i = 0; i < ms.size(); ++i) {
+      pack_pairs(depth, ms[i].cols, row_bits(ms[i], r0), w, /*pair_stride=*/64, /*group_stride=*/(depth + 1) / 2 * 64);
+      const StepJob<bf16_t, float> job{g.cols, ms[i].cols, depth, a, /*lda=*/2, w, sums[i].data_ptr<float>(),
+                                       ms[i].cols, Epilogue::kNone, nullptr, 0, /*accumulate=*/r0 > 0, nullptr,
+                                       RowIndex{a_rows.data(), nullptr, nullptr}, /*a_pair_stride=*/64};
+      run(job, /*single_thread=*/false);
+    }
+  }
+  for (auto& sum : sums) sum = sum.to(at::kBFloat16);
+  return sums;
 }
 
 template <typename scalar_t>

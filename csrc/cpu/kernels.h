@@ -55,24 +55,21 @@ void product(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, scalar_t* C,
     int64_t ldc, const std::type_identity_t<scalar_t>* row = nullptr, RowIndex index = {});
 
-// The weight gradients' products of a bfloat16 layer, g^T @ m: g [rows, cols] (grad_z) against
-// several m [rows, m_cols] (the input, the states), the depth being every step's row (thousands).
-// Both are packed as W [rows, *] is (pack_pairs): g once, as the transpose's rows, 32 at a time, a
-// depth pair at a time; each m in chunks of kChunkRows rows, which the product adds into a float C
-// one by one, so that both operands' chunks stay in cache while C's tiles pass by. Needs
-// has_bf16_kernels().
-class Bf16TransposedProducts {
- public:
-  explicit Bf16TransposedProducts(const at::Tensor& g);  // [rows, cols] bfloat16
-  // g[:, col0 : col0 + cols]^T @ m, m's row r at m_rows[r] ([m_cols] each): [cols, m_cols] bfloat16,
-  // each element rounded once from its float sum.
-  at::Tensor times(int64_t col0, int64_t cols, const std::vector<const c10::BFloat16*>& m_rows, int64_t m_cols) const;
-
- private:
-  static constexpr int64_t kChunkRows = 1024;
-  int64_t rows_, pairs_;
-  at::Tensor packed_;
+// A bfloat16 matrix [rows.size(), cols] as pointers to its rows.
+struct Bf16Rows {
+  std::vector<const c10::BFloat16*> rows;
+  int64_t cols;
 };
+
+// The weight gradients' products of a bfloat16 layer: g^T @ m for each m of ms, with g [rows, cols]
+// (a direction's grad_z) and every m [rows, m.cols] (the input, the states), the depth being every
+// step's row (thousands). They go kTransposedChunkRows rows at a time: the chunk of g and of each m
+// is packed as W is (pack_pairs; g as the transpose's rows, 32 at a time, a depth pair at a time),
+// and the product adds it into a float sum, so that both operands' chunks stay in cache while C's
+// tiles pass by. Returns g^T @ m [cols, m.cols] per m, each element rounded once to bfloat16.
+// Needs has_bf16_kernels().
+constexpr int64_t kTransposedChunkRows = 1024;
+std::vector<at::Tensor> bf16_transposed_products(const Bf16Rows& g, const std::vector<Bf16Rows>& ms);
 
 // A DotJob (kernels_isa.h), threaded over columns when it is large enough.
 template <typename scalar_t>

@@ -41,13 +41,11 @@ struct StepRows {
 
 int64_t row_at(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
 
-using Bf16Rows = std::vector<const c10::BFloat16*>;
-
-// Rows [0, count) of t (rows t.stride(0) apart), from column col0 on.
-Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0) {
-  Bf16Rows rows(count);
+// Rows [0, count) of t (rows t.stride(0) apart), columns [col0, col0 + cols).
+Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0, int64_t cols) {
+  Bf16Rows rows{std::vector<const c10::BFloat16*>(count), cols};
   const c10::BFloat16* data = t.data_ptr<c10::BFloat16>() + col0;
-  for (int64_t r = 0; r < count; ++r) rows[r] = data + r * t.stride(0);
+  for (int64_t r = 0; r < count; ++r) rows.rows[r] = data + r * t.stride(0);
   return rows;
 }
 
@@ -57,16 +55,16 @@ Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0) {
 Bf16Rows dense_state_rows(const at::Tensor& output, const at::Tensor& hx, int64_t d, const LayerSizes& s) {
   const bool reverse = d == 1;
   const int64_t later = s.N - s.B;  // rows whose step started from an output
-  const Bf16Rows outputs = rows_of(output, s.N, d * s.H);
-  const Bf16Rows first = rows_of(hx[d], s.B, 0);
-  Bf16Rows rows;
-  rows.reserve(s.N);
+  const auto outputs = rows_of(output, s.N, d * s.H, s.H).rows;
+  const auto first = rows_of(hx[d], s.B, 0, s.H).rows;
+  Bf16Rows rows{{}, s.H};
+  rows.rows.reserve(s.N);
   if (reverse) {
-    rows.insert(rows.end(), outputs.begin() + s.B, outputs.end());
-    rows.insert(rows.end(), first.begin(), first.end());
+    rows.rows.insert(rows.rows.end(), outputs.begin() + s.B, outputs.end());
+    rows.rows.insert(rows.rows.end(), first.begin(), first.end());
   } else {
-    rows.insert(rows.end(), first.begin(), first.end());
-    rows.insert(rows.end(), outputs.begin(), outputs.begin() + later);
+    rows.rows.insert(rows.rows.end(), first.begin(), first.end());
+    rows.rows.insert(rows.rows.end(), outputs.begin(), outputs.begin() + later);
   }
   return rows;
 }
@@ -202,12 +200,12 @@ class CpuBackend {
       const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& hx, const at::Tensor& output,
       const at::Tensor& h_prev, const LayerSizes& s) {
     if (grad_z.scalar_type() != at::kBFloat16) return rnn_ext::weight_grads(grad_z, x, hx, output, h_prev, s);
-    const Bf16TransposedProducts grad_z_t(grad_z);
     const auto x_ = x.contiguous();
-    const auto input_rows = rows_of(x_, x_.size(0), 0);
+    const Bf16Rows input_rows = rows_of(x_, x_.size(0), 0, s.I);
     return weight_grads_from(grad_z, s, [&](int64_t d) -> std::pair<at::Tensor, at::Tensor> {
-      const auto state_rows = h_prev.defined() ? rows_of(h_prev, h_prev.size(0), d * s.H) : dense_state_rows(output, hx, d, s);
-      return {grad_z_t.times(d * s.H, s.H, input_rows, s.I), grad_z_t.times(d * s.H, s.H, state_rows, s.H)};
+      const Bf16Rows states = h_prev.defined() ? rows_of(h_prev, h_prev.size(0), d * s.H, s.H) : dense_state_rows(output, hx, d, s);
+      auto grads = bf16_transposed_products(rows_of(grad_z, grad_z.size(0), d * s.H, s.H), {input_rows, states});
+      return {std::move(grads[0]), std::move(grads[1])};
     });
   }
 
