@@ -195,3 +195,18 @@ def test_zero_length_rows_keep_hx(dtype):
     output, h_n = model(x, hx, lengths=torch.tensor([4, 0, 2]))
     assert torch.equal(h_n[:, 1], hx[:, 1])
     assert torch.equal(output[:, 1], torch.zeros_like(output[:, 1]))
+
+
+def test_bfloat16_tanh_rounds_like_tanh():
+    """The activation alone (zero weights, the pre-activation in the bias): bfloat16's tanh is
+    tanh rounded to bfloat16, NaN and infinities included, tiny values kept."""
+    z = torch.cat([torch.linspace(-12, 12, 2001), torch.tensor([float("nan"), float("inf"), -float("inf"), 3e-4,
+                                                                -1e-6, 1e-30, 0.0])])
+    ours = rnn_ext.RNN(1, z.numel(), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for weight in ours.parameters():
+            weight.zero_()
+        ours.bias_ih_l0.copy_(z)
+        output, _ = ours(torch.zeros(1, 3, 1, dtype=torch.bfloat16))
+    expected = torch.tanh(z.to(torch.bfloat16).double()).to(torch.bfloat16).expand(3, -1)
+    torch.testing.assert_close(output[0], expected, rtol=0, atol=0, equal_nan=True)
