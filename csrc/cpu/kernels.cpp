@@ -168,9 +168,11 @@ PackedWeight<scalar_t>::PackedWeight(const at::Tensor& W) : depth_(W.size(0)), c
 template <typename scalar_t, typename c_t>
 void step(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, c_t* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread, RowIndex index) {
+    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread, RowIndex index,
+    const std::type_identity_t<c_t>* start, int64_t ld_start) {
   run(StepJob<kernel_t<scalar_t>, kernel_t<c_t>>{rows, W.cols(), W.depth(), bits(A), lda, bits(W.data()), bits(C), ldc,
-                                                  epilogue, bits(y), ldy, /*accumulate=*/true, nullptr, index},
+                                                  epilogue, bits(y), ldy, /*accumulate=*/true, nullptr, index,
+                                                  /*a_pair_stride=*/2, bits(start), ld_start},
       single_thread);
 }
 
@@ -264,10 +266,10 @@ using c10::BFloat16;
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 template class PackedWeight<BFloat16>;
-template void step<float, float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex);
-template void step<double, double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex);
-template void step<BFloat16, BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex);
-template void step<BFloat16, float>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, float*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex);
+template void step<float, float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex, const float*, int64_t);
+template void step<double, double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex, const double*, int64_t);
+template void step<BFloat16, BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex, const BFloat16*, int64_t);
+template void step<BFloat16, float>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, float*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex, const float*, int64_t);
 template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*, RowIndex);
 template void product<BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, const BFloat16*, RowIndex);
 template void dot_step<float>(const DotJob<float>&);

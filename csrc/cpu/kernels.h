@@ -37,7 +37,8 @@ class PackedWeight {
   at::Tensor buffer_;
 };
 
-// C[rows, cols] = epilogue(C + A[rows, depth] @ W) (A == nullptr: epilogue only); y is what the
+// C[rows, cols] = epilogue(S + A[rows, depth] @ W) (A == nullptr: epilogue only), the start S
+// C itself, or the rows `start` (rows ld_start apart, numbered as y's) where given; y is what the
 // gradient epilogues read (the step's outputs), rows ldy apart; rows numbered through index.
 // Threads over tiles unless single_thread. C has W's type (c_t = scalar_t), or is float for
 // bfloat16 operands (a sum kept in float across calls).
@@ -45,7 +46,7 @@ template <typename scalar_t, typename c_t>
 void step(
     int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, c_t* C, int64_t ldc,
     Epilogue epilogue, const std::type_identity_t<scalar_t>* y = nullptr, int64_t ldy = 0, bool single_thread = false,
-    RowIndex index = {});
+    RowIndex index = {}, const std::type_identity_t<c_t>* start = nullptr, int64_t ld_start = 0);
 
 // C[rows, cols] = row + A[rows, depth] @ W (row [cols] added to every row, nullptr: nothing), rows
 // numbered through index (only the rows it names are touched), threaded over tiles: the all-rows

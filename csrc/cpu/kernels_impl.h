@@ -180,13 +180,14 @@ int64_t panels_per_tile(int64_t job_rows) {
   return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
-// The rows of one row block: a[i], c[i] and y[i] point at row i of A (nullptr: no product), C and
-// y (nullptr: the epilogue reads no y), at column 0.
+// The rows of one row block: a[i], c[i], y[i] and start[i] point at row i of A (nullptr: no
+// product), C, y (nullptr: the epilogue reads no y) and the start, at column 0.
 template <typename scalar_t, typename c_t = scalar_t>
 struct TileRows {
   const scalar_t* a[kTileRows];
   c_t* c[kTileRows];
   const scalar_t* y[kTileRows];
+  const c_t* start[kTileRows];
 };
 
 // The order of a job's tiles: tiles go down a band of row blocks with one panel group, then the
@@ -242,11 +243,12 @@ int64_t row_block(const StepJob<scalar_t, c_t>& job, int64_t which, TileRows<sca
     block.a[i] = job.A != nullptr ? job.A + (at.a != nullptr ? at.a[r] : r) * job.lda : nullptr;
     block.c[i] = job.C + (at.c != nullptr ? at.c[r] : r) * job.ldc;
     block.y[i] = job.y != nullptr ? job.y + (at.y != nullptr ? at.y[r] : r) * job.ldy : nullptr;
+    block.start[i] = job.start != nullptr ? job.start + (at.y != nullptr ? at.y[r] : r) * job.ld_start : block.c[i];
   }
   return count;
 }
 
-// Prefetches the C and y (when the job has one) a tile of `cols` columns from col0 on reads first,
+// Prefetches the start and y (when the job has one) a tile of `cols` columns from col0 on reads first,
 // in each row of row block `which`: issued for the next tile while one runs, these rows (a step's
 // start, written long before, e.g. the input projection) arrive from memory in the meantime
 // instead of stalling the tile's first loads.
@@ -258,7 +260,7 @@ RNN_EXT_INLINE void prefetch_tile_rows(const StepJob<scalar_t, c_t>& job, int64_
     for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(p) + offset);
   };
   for (int64_t i = 0; i < count; ++i) {
-    prefetch(rows.c[i] + col0, cols * static_cast<int64_t>(sizeof(c_t)));
+    prefetch(rows.start[i] + col0, cols * static_cast<int64_t>(sizeof(c_t)));
     if (rows.y[i] != nullptr) prefetch(rows.y[i] + col0, cols * static_cast<int64_t>(sizeof(scalar_t)));
   }
 }
@@ -276,7 +278,7 @@ RNN_EXT_INLINE void tile(
 #pragma GCC unroll 8
     for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < vectors; ++v) acc[i][v] = load(rows.c[i] + col0 + v * lanes);
+      for (int v = 0; v < vectors; ++v) acc[i][v] = load(rows.start[i] + col0 + v * lanes);
   } else {
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) acc[0][v] = row != nullptr ? load(row + v * lanes) : vec<scalar_t>{};
@@ -349,10 +351,11 @@ void partial_panel_tile(
   TileRows<scalar_t> local = rows;
   for (int64_t i = 0; i < count; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      c_local[i * width + j] = job.accumulate ? rows.c[i][col0 + j] : row != nullptr ? row[j] : scalar_t(0);
+      c_local[i * width + j] = job.accumulate ? rows.start[i][col0 + j] : row != nullptr ? row[j] : scalar_t(0);
       y_local[i * width + j] = rows.y[i] != nullptr ? rows.y[i][col0 + j] : scalar_t(0);
     }
     local.c[i] = c_local + i * width;
+    local.start[i] = local.c[i];
     local.y[i] = y_local + i * width;
   }
   StepJob<scalar_t> padded = job;  // the start is in c_local now
@@ -683,7 +686,7 @@ RNN_EXT_INLINE void bf16_tile(
 #pragma GCC unroll 8
     for (int i = 0; i < ROWS; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < vectors; ++v) acc[i][v] = load_float(rows.c[i] + col0 + v * lanes, mask[v]);
+      for (int v = 0; v < vectors; ++v) acc[i][v] = load_float(rows.start[i] + col0 + v * lanes, mask[v]);
   } else {
 #pragma GCC unroll 8
     for (int v = 0; v < vectors; ++v) {

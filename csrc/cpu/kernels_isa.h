@@ -36,8 +36,9 @@ struct RowIndex {
 };
 
 // One step's product C[rows, cols] = epilogue(S + A[rows, depth] @ W[depth, cols]), W packed by
-// IsaKernels::pack, where the start S is C itself (accumulate), or else the row vector `row` [cols] on every row
-// (zero when row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
+// IsaKernels::pack, where the start S is C itself (accumulate), or the rows `start` (accumulate
+// with start given; numbered as y's), or else the row vector `row` [cols] on every row (zero when
+// row is nullptr). A == nullptr means no product (only the epilogue), e.g. rows that
 // receive no recurrent term. Rows are numbered through `index`. C has the operands' type, except
 // that a bfloat16 product may also add into a float C (c_t); the sums run in float for bfloat16.
 template <typename scalar_t, typename c_t = scalar_t>
@@ -57,6 +58,8 @@ struct StepJob {
   // bfloat16 only: elements from depth pair q of an A row to pair q + 1. 2: A's rows run along the
   // depth; else A is in pack_pairs' layout (a row's pairs are this far apart, rows lda = 2 apart).
   int64_t a_pair_stride = 2;
+  const c_t* start = nullptr;  // [rows, cols], rows ld_start apart, or nullptr: C
+  int64_t ld_start = 0;
 };
 
 // One step with the weights as stored, unpacked (nn.Linear's [out, in] layout), for a few rows:

@@ -259,12 +259,11 @@ class CpuBackend {
       const scalar_t* grad_out = dir.grad_output + at_rows;
       const int64_t going_on = now.continuing;  // rows [0, going_on) continue; the rest end here
       const int64_t ending = now.rows - going_on;
-      gather_rows_into(g, ldg, grad_out, ld, going_on, H, order.index);
       gather_sum_rows(g + going_on * ldg, ldg, order.from(grad_out, ld, going_on), ld,
                       order.from(dir.grad_h_n, H, going_on), H, ending, H, order.index_from(going_on));
-      if (going_on > 0) {
+      if (going_on > 0) {  // starting from grad_output's rows, read where they are
         step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ldg, packed, g, ldg, act_grad, y, ld,
-             single_thread, {nullptr, nullptr, order.index});
+             single_thread, {nullptr, nullptr, order.index}, grad_out, ld);
       }
       if (ending > 0) {  // no gradient flows back into these rows: the epilogue only
         step<scalar_t>(ending, nullptr, 0, packed, g + going_on * ldg, ldg, act_grad, order.from(y, ld, going_on), ld,
