@@ -99,5 +99,10 @@ def check_errors(device):
 
 if __name__ == "__main__":
     check, device = sys.argv[1:]
+    # Seeded, as PyTorch's own test cases are: the samples (random relu layers, inputs in [-9, 9])
+    # are drawn afresh on every run, and a pre-activation within gradcheck's step of relu's kink
+    # gives a wrong finite difference once in a while (seen once in CI; rnn_ext's gradients
+    # matched nn.RNN's on 400 other seeds of those layers).
+    torch.manual_seed(0)
     {"samples": check_samples, "gradcheck": check_gradcheck, "errors": check_errors}[check](device)
     print(f"{check} on {device}: passed")
