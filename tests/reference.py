@@ -3,7 +3,7 @@ import copy
 import os
 
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnn_ext
 
@@ -145,3 +145,20 @@ def subprocess_env(**variables):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(rnn_ext.__file__)))
     path = os.pathsep.join(p for p in [package_root, os.environ.get("PYTHONPATH")] if p)
     return dict(os.environ, PYTHONPATH=path, **variables)
+
+
+def pipeline(module, x, hx, lengths, batch_first=False):
+    """nn.RNN on a padded batch the way a user has to run it: pack, run, unpack."""
+    seq_len = x.shape[1 if batch_first else 0]
+    packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False)
+    output, h_n = module(packed, hx)
+    output, _ = pad_packed_sequence(output, batch_first=batch_first, total_length=seq_len)
+    return output, h_n
+
+
+def run_and_grads(fn, module, x, hx, grad_output, grad_h_n):
+    """fn()'s (output, h_n), and the gradients of x, hx (when given) and every parameter."""
+    output, h_n = fn()
+    wrt = [x] + ([hx] if hx is not None else []) + list(module.parameters())
+    grads = torch.autograd.grad((output * grad_output).sum() + (h_n * grad_h_n).sum(), wrt)
+    return output, h_n, grads

@@ -4,11 +4,11 @@ import itertools
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_ext
 from rnn_ext import ops
-from reference import assert_as_accurate_as, make_pair, randn, reference_rnn
+from reference import assert_as_accurate_as, make_pair, pipeline, randn, reference_rnn, run_and_grads
 
 LENGTHS = {
     "unsorted": [3, 7, 1, 5],
@@ -29,22 +29,6 @@ def padded_batch(lengths, input_size, dtype, device, batch_first=False, seq_len=
     if batch_first:
         x = x.transpose(0, 1).contiguous()
     return x.to(device).requires_grad_()
-
-
-def pipeline(module, x, hx, lengths, batch_first):
-    """nn.RNN on a padded batch the way a user has to run it: pack, run, unpack."""
-    seq_len = x.shape[1 if batch_first else 0]
-    packed = pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False)
-    output, h_n = module(packed, hx)
-    output, _ = pad_packed_sequence(output, batch_first=batch_first, total_length=seq_len)
-    return output, h_n
-
-
-def run_and_grads(fn, module, x, hx, grad_output, grad_h_n):
-    output, h_n = fn()
-    wrt = [x] + ([hx] if hx is not None else []) + list(module.parameters())
-    grads = torch.autograd.grad((output * grad_output).sum() + (h_n * grad_h_n).sum(), wrt)
-    return output, h_n, grads
 
 
 CASES = [

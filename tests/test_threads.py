@@ -4,10 +4,10 @@ larger steps), or one thread (small steps). Each row's arithmetic is the same in
 one thread and two give the same bits; and the results match nn.RNN's."""
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_ext
-from reference import make_pair, outputs_and_grads
+from reference import make_pair, outputs_and_grads, pipeline, run_and_grads
 
 # (lengths, input size, hidden size) and the walk they get with two threads: 9 rows of H=96 walk in
 # halves of 5 and 4 rows (odd, so the halves differ); 4 rows of H=192 split each step's tiles
@@ -43,13 +43,9 @@ def run(module, kind, lengths, x, hx, grad_output, grad_h_n):
     through pack -> RNN -> pad, as a user has to."""
     if kind != "lengths":
         return outputs_and_grads(module, x, hx, grad_output, grad_h_n)
-    if not isinstance(module, rnn_ext.RNN):
-        packed, h_n = module(pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False), hx)
-        output, _ = pad_packed_sequence(packed, total_length=x.shape[0])
-    else:
-        output, h_n = module(x, hx, lengths=lengths)
-    grads = torch.autograd.grad((output * grad_output).sum() + (h_n * grad_h_n).sum(), [x, hx, *module.parameters()])
-    return output, h_n, grads
+    if isinstance(module, rnn_ext.RNN):
+        return run_and_grads(lambda: module(x, hx, lengths=lengths), module, x, hx, grad_output, grad_h_n)
+    return run_and_grads(lambda: pipeline(module, x, hx, lengths), module, x, hx, grad_output, grad_h_n)
 
 
 def with_threads(count, fn):

@@ -248,20 +248,18 @@ int64_t row_block(const StepJob<scalar_t, c_t>& job, int64_t which, TileRows<sca
   return count;
 }
 
-// Prefetches the start and y (when the job has one) a tile of `cols` columns from col0 on reads first,
-// in each row of row block `which`: issued for the next tile while one runs, these rows (a step's
-// start, written long before, e.g. the input projection) arrive from memory in the meantime
-// instead of stalling the tile's first loads.
+// Prefetches the start and y (when the job has one) a tile of `cols` columns from col0 on reads
+// first, in each of the count rows of block: issued for the next tile while one runs, these rows
+// (a step's start, written long before, e.g. the input projection) arrive from memory in the
+// meantime instead of stalling the tile's first loads.
 template <typename scalar_t, typename c_t>
-RNN_EXT_INLINE void prefetch_tile_rows(const StepJob<scalar_t, c_t>& job, int64_t which, int64_t col0, int64_t cols) {
-  TileRows<scalar_t, c_t> rows;
-  const int64_t count = row_block(job, which, rows);
+RNN_EXT_INLINE void prefetch_tile_rows(const TileRows<scalar_t, c_t>& block, int64_t count, int64_t col0, int64_t cols) {
   const auto prefetch = [](const void* p, int64_t bytes) {
     for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(p) + offset);
   };
   for (int64_t i = 0; i < count; ++i) {
-    prefetch(rows.start[i] + col0, cols * static_cast<int64_t>(sizeof(c_t)));
-    if (rows.y[i] != nullptr) prefetch(rows.y[i] + col0, cols * static_cast<int64_t>(sizeof(scalar_t)));
+    prefetch(block.start[i] + col0, cols * static_cast<int64_t>(sizeof(c_t)));
+    if (block.y[i] != nullptr) prefetch(block.y[i] + col0, cols * static_cast<int64_t>(sizeof(scalar_t)));
   }
 }
 
@@ -379,7 +377,7 @@ int64_t num_tiles(int64_t rows, int64_t cols) {
 
 // Calls body(count, block, first panel, end panel) for tiles [begin, end) of a job whose tiles
 // hold g panels of `width` columns (TileOrder's order): block holds the tile's count rows.
-// Before each tile, the next tile's C and y rows are prefetched.
+// Before each tile, the next tile's rows are found, and its start and y rows prefetched.
 template <typename scalar_t, typename c_t, typename F>
 RNN_EXT_INLINE void for_each_tile(
     const StepJob<scalar_t, c_t>& job, int64_t begin, int64_t end, int64_t width, int64_t g, F&& body) {
@@ -387,17 +385,21 @@ RNN_EXT_INLINE void for_each_tile(
   const int64_t groups = (panel_count + g - 1) / g;
   const TileOrder order(job.rows, job.depth, sizeof(scalar_t), groups, g);
   TilePosition tile_at = order.at(begin);
+  TileRows<scalar_t, c_t> block, next_block;  // a row block's rows, at column 0 (the first count of each)
+  int64_t count = row_block(job, tile_at.row_block, block);
   for (int64_t index = begin; index < end; ++index) {
-    TileRows<scalar_t, c_t> block;  // the row block's rows, at column 0 (the first count of each)
-    const int64_t count = row_block(job, tile_at.row_block, block);
     const int64_t p = tile_at.panel;
     const int64_t p_end = p + g < panel_count ? p + g : panel_count;
+    int64_t next_count = 0;
     if (index + 1 < end) {
       tile_at = order.next(tile_at);
+      next_count = row_block(job, tile_at.row_block, next_block);
       const int64_t col0 = tile_at.panel * width;
-      prefetch_tile_rows(job, tile_at.row_block, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
+      prefetch_tile_rows(next_block, next_count, col0, job.cols - col0 < g * width ? job.cols - col0 : g * width);
     }
     body(count, block, p, p_end);
+    block = next_block;
+    count = next_count;
   }
 }
 

@@ -54,17 +54,12 @@ Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0, int64_t cols)
 // output [N, D*H] and hx [D, B, H] contiguous.
 Bf16Rows dense_state_rows(const at::Tensor& output, const at::Tensor& hx, int64_t d, const LayerSizes& s) {
   const bool reverse = d == 1;
-  const int64_t later = s.N - s.B;  // rows whose step started from an output
-  const auto outputs = rows_of(output, s.N, d * s.H, s.H).rows;
-  const auto first = rows_of(hx[d], s.B, 0, s.H).rows;
-  Bf16Rows rows{{}, s.H};
-  rows.rows.reserve(s.N);
-  if (reverse) {
-    rows.rows.insert(rows.rows.end(), outputs.begin() + s.B, outputs.end());
-    rows.rows.insert(rows.rows.end(), first.begin(), first.end());
-  } else {
-    rows.rows.insert(rows.rows.end(), first.begin(), first.end());
-    rows.rows.insert(rows.rows.end(), outputs.begin(), outputs.begin() + later);
+  const c10::BFloat16* outputs = output.data_ptr<c10::BFloat16>() + d * s.H;
+  const c10::BFloat16* first = hx[d].data_ptr<c10::BFloat16>();
+  Bf16Rows rows{std::vector<const c10::BFloat16*>(s.N), s.H};
+  for (int64_t r = 0; r < s.N; ++r) {
+    const int64_t from = reverse ? r + s.B : r - s.B;  // the output row the step started from
+    rows.rows[r] = from >= 0 && from < s.N ? outputs + from * output.stride(0) : first + (reverse ? r - (s.N - s.B) : r) * s.H;
   }
   return rows;
 }
