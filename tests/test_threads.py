@@ -13,12 +13,15 @@ from reference import make_pair, outputs_and_grads, pipeline, run_and_grads
 # halves of 5 and 4 rows (odd, so the halves differ); 4 rows of H=192 split each step's tiles
 # (4 x 192 x 192 multiply-adds a step); one row of H=24 runs on one thread. "bands": an input
 # projection of depth 1024 over 300 rows, whose tiles walk several bands of row blocks (kernels_impl.h's
-# TileOrder), the threads' shares starting mid-band.
+# TileOrder), the threads' shares starting mid-band. "packs": weights large enough to pack on both
+# threads, a range of column panels each, with a ragged last panel and odd depths (w_ih^T of depth
+# 701 for the projection; w_ih of depth 401 for grad_input).
 WALKS = {
     "halves": ([20, 3, 17, 20, 1, 9, 14, 20, 6], 16, 96),
     "tiles": ([7, 2, 7, 5], 16, 192),
     "one_thread": ([9], 16, 24),
     "bands": ([10, 9, 10] * 10, 1024, 70),
+    "packs": ([4, 2, 3], 701, 401),
 }
 KINDS = ["dense", "packed", "lengths"]
 

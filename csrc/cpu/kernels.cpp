@@ -13,6 +13,8 @@ namespace {
 // Steps with at least this many multiply-adds split their tiles over threads; below it the
 // cost of waking the threads exceeds the gain.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
+// Weights of at least twice this many elements pack on several threads.
+constexpr int64_t kParallelPackElements = int64_t{1} << 18;
 
 bool cpu_has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -162,7 +164,15 @@ PackedWeight<scalar_t>::PackedWeight(const at::Tensor& W) : depth_(W.size(0)), c
   const auto w = W.stride(0) == 1 || W.stride(1) == 1 ? W : W.contiguous();
   const auto& k = kernels<kernel_t<scalar_t>>();
   buffer_ = at::empty({k.packed_size(depth_, cols_)}, w.options());
-  k.pack(depth_, cols_, bits(w.data_ptr<scalar_t>()), w.stride(0), w.stride(1), bits(buffer_.data_ptr<scalar_t>()));
+  // Panels are independent: a range of them packs as the columns they hold would on their own.
+  const int64_t width = k.panel_width;
+  const int64_t panel_count = (cols_ + width - 1) / width;
+  const int64_t grain = std::max<int64_t>(1, kParallelPackElements / (std::max<int64_t>(depth_, 1) * width));
+  at::parallel_for(0, panel_count, grain, [&](int64_t begin, int64_t end) {
+    const int64_t col0 = begin * width;
+    k.pack(depth_, std::min(end * width, cols_) - col0, bits(w.data_ptr<scalar_t>()) + col0 * w.stride(1),
+           w.stride(0), w.stride(1), bits(buffer_.data_ptr<scalar_t>()) + k.packed_size(depth_, col0));
+  });
 }
 
 template <typename scalar_t, typename c_t>

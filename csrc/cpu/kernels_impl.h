@@ -12,6 +12,8 @@
 // GEMM dimensions are named rows x depth times depth x cols (not the shape legend's letters).
 #include "kernels_isa.h"
 
+#include <vector>
+
 namespace rnn_ext::cpu {
 namespace {
 
@@ -610,19 +612,6 @@ int64_t bf16_packed_size(int64_t depth, int64_t cols) {
   return panels<float>(cols) * bf16_pairs(depth) * 2 * kBf16PanelWidth;
 }
 
-void pack_bf16(int64_t depth, int64_t cols, const bf16_t* W, int64_t stride_k, int64_t stride_j, bf16_t* packed) {
-  constexpr int width = kBf16PanelWidth;
-  const int64_t pairs = bf16_pairs(depth);
-  for (int64_t i = 0; i < bf16_packed_size(depth, cols); ++i) packed[i] = bf16_t(0);
-  for (int64_t p = 0; p < panels<float>(cols); ++p) {
-    bf16_t* panel = packed + p * pairs * 2 * width;
-    // depth row k of column j: the (k % 2) half of the column's 32-bit lane in pair k / 2
-    for_panel_elements<width>(p, depth, cols, W, stride_k, stride_j, [&](int64_t k, int64_t j, bf16_t w) {
-      panel[((k / 2) * width + j) * 2 + k % 2] = w;
-    });
-  }
-}
-
 // tanh for results rounded to bfloat16 (the bf16 kernels' epilogue): x P(x^2) / Q(x^2), a rational
 // minimax fit on |x| <= 7.9 (past it tanh is 1 to within 3e-7), and x itself below 4e-4; within
 // 5e-7 of tanh relatively, a ten-thousandth of bfloat16's rounding, at half tanh_vec's
@@ -808,6 +797,40 @@ void pack_pairs_bf16(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_
       bf16_t* out = dst + q * pair_stride + p * group_stride;
       _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, low_index, b));
       _mm512_storeu_si512(out + group, _mm512_permutex2var_epi16(a, high_index, b));
+    }
+  }
+}
+
+// pack for bfloat16. A row-major W (stride_j 1) goes a depth pair at a time through
+// pack_pairs_bf16. In the transpose of one (stride_k 1), a column's pair is one 32-bit word of its
+// row, copied whole.
+void pack_bf16(int64_t depth, int64_t cols, const bf16_t* W, int64_t stride_k, int64_t stride_j, bf16_t* packed) {
+  constexpr int width = kBf16PanelWidth;
+  const int64_t pairs = bf16_pairs(depth);
+  const int64_t panel_size = pairs * 2 * width;
+  if (stride_j == 1) {
+    std::vector<const bf16_t*> row(depth);
+    for (int64_t k = 0; k < depth; ++k) row[k] = W + k * stride_k;
+    pack_pairs_bf16(depth, cols, row.data(), packed, /*pair_stride=*/2 * width, /*group_stride=*/panel_size, 0, pairs);
+    return;
+  }
+  const int64_t whole = depth / 2;
+  for (int64_t p = 0; p < panels<float>(cols); ++p) {
+    uint32_t* panel = reinterpret_cast<uint32_t*>(packed + p * panel_size);  // [pairs, width] lanes
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t col = p * width + j;
+      if (col >= cols) {
+        for (int64_t q = 0; q < pairs; ++q) panel[q * width + j] = 0;
+        continue;
+      }
+      const bf16_t* column = W + col * stride_j;
+      const auto lane = [](bf16_t low, bf16_t high) { return uint32_t{low} | uint32_t{high} << 16; };
+      if (stride_k == 1) {
+        for (int64_t q = 0; q < whole; ++q) __builtin_memcpy(panel + q * width + j, column + 2 * q, sizeof(uint32_t));
+      } else {
+        for (int64_t q = 0; q < whole; ++q) panel[q * width + j] = lane(column[2 * q * stride_k], column[(2 * q + 1) * stride_k]);
+      }
+      if (whole < pairs) panel[whole * width + j] = lane(column[2 * whole * stride_k], bf16_t(0));
     }
   }
 }
