@@ -13,7 +13,7 @@ namespace {
 // Steps with at least this many multiply-adds split their tiles over threads; below it the
 // cost of waking the threads exceeds the gain.
 constexpr int64_t kParallelMinMacs = int64_t{1} << 17;
-// Weights of at least twice this many elements pack on several threads.
+// Weights of more than this many elements pack their column panels on several threads.
 constexpr int64_t kParallelPackElements = int64_t{1} << 18;
 
 bool cpu_has_avx512() {
