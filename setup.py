@@ -7,6 +7,7 @@ Environment:
   DEBUG=1                 -O0 -g instead of -O3
   SANITIZE=1              AddressSanitizer + UndefinedBehaviorSanitizer (CPU sources; use with DEBUG=1)
   MAX_JOBS                parallel compile jobs (honoured by torch's ninja build)
+  RNN_EXT_ALLOW_UNTESTED_TORCH=1   build on a torch older than MIN_TORCH anyway (untested)
 """
 import glob
 import os
@@ -17,14 +18,19 @@ import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-# The oldest torch built and tested in CI (.ci/run's second stage); pyproject.toml's dependency
-# says the same. The sources need C++20 and torch.library APIs of recent releases.
-MIN_TORCH = "2.13"
+# The oldest torch built and tested in CI (.ci/run's oldest stage); pyproject.toml's dependency
+# says the same.
+MIN_TORCH = "2.11"
+
+# The C++ standard the sources are written in, named for both compilers. torch's cpp_extension
+# adds its own default only where no -std= flag is given, and that default differs by release
+# (-std=c++17 on 2.11, -std=c++20 on 2.14), so the build must not lean on it.
+CXX_STANDARD = "-std=c++20"
 
 
 def check_torch_version():
-    """Refuses a torch below the tested floor, unless RNN_EXT_ALLOW_UNTESTED_TORCH=1 (for a
-    machine whose torch is fixed, such as the lent GPU machine's: see scripts/gpu_check.sh)."""
+    """Refuses a torch below the tested floor, unless RNN_EXT_ALLOW_UNTESTED_TORCH=1 (to try an
+    older one, at the user's risk)."""
     if torch.__version__ >= MIN_TORCH:
         return
     message = f"rnn_ext needs torch>={MIN_TORCH}; this environment has torch {torch.__version__}"
@@ -76,7 +82,7 @@ def cublas_link_args():
 def extension():
     debug = env_flag("DEBUG")
     sanitize = env_flag("SANITIZE")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = [CXX_STANDARD] + (["-O0", "-g"] if debug else ["-O3"])
     # -fopenmp: at::parallel_for is an inline template whose `#pragma omp parallel` is compiled
     # into this extension; without the flag it silently runs on one thread.
     cxx_flags += ["-ffp-contract=fast", "-fvisibility=hidden", "-fopenmp"]
@@ -97,7 +103,7 @@ def extension():
         return CppExtension(**kwargs)
 
     kwargs["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-    kwargs["extra_compile_args"]["nvcc"] = ["-O0", "-g"] if debug else ["-O3"]
+    kwargs["extra_compile_args"]["nvcc"] = [CXX_STANDARD] + (["-O0", "-g"] if debug else ["-O3"])
     kwargs["include_dirs"] = pip_cuda_include_dirs()
     kwargs["define_macros"] = [("RNN_EXT_WITH_CUDA", "1")]
     kwargs["extra_link_args"] = link_flags + cublas_link_args()

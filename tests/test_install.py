@@ -2,7 +2,9 @@
 unbuilt source tree shadows the installed package), the console command the install adds, and
 the torch version it claims."""
 import importlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import rnn_ext
 from rnn_ext import benchmark
@@ -89,27 +92,57 @@ def test_console_command_is_the_benchmark(monkeypatch, capsys):
     assert "2,3,4,5,1,no" in capsys.readouterr().out
 
 
+def setup_floor():
+    (floor,) = re.findall(r'^MIN_TORCH = "(.+)"$', (REPO_ROOT / "setup.py").read_text(), re.M)
+    return floor
+
+
+def run_setup_py(snippet, **env):
+    """setup.py run as pip runs it, after `snippet`, with setuptools.setup printing the
+    extension's compile flags as JSON instead of building."""
+    script = (
+        "import json, runpy, setuptools, sys, torch\n"
+        + snippet
+        + "\nsetuptools.setup = lambda **kw: print(json.dumps(kw['ext_modules'][0].extra_compile_args))"
+        "\nrunpy.run_path('setup.py', run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("allowed", [False, True], ids=["refused", "allowed"])
 def test_setup_refuses_a_torch_below_the_floor_unless_told(allowed):
-    """The lent GPU machine's torch is below the floor: scripts/gpu_check.sh builds there anyway."""
-    fake_old_torch = (
-        "import runpy, sys, torch; torch.__version__ = torch.torch_version.TorchVersion('2.11.0'); "
-        "sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py', run_name='__main__')"
-    )
-    env = dict(os.environ, RNN_EXT_ALLOW_UNTESTED_TORCH="1" if allowed else "0")
-    done = subprocess.run([sys.executable, "-c", fake_old_torch], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert "this environment has torch 2.11.0" in done.stderr
+    major, minor = map(int, setup_floor().split("."))
+    below = f"{major}.{minor - 1}.0"
+    done = run_setup_py(f"torch.__version__ = torch.torch_version.TorchVersion('{below}')",
+                        FORCE_CUDA="0", RNN_EXT_ALLOW_UNTESTED_TORCH="1" if allowed else "0")
+    assert f"this environment has torch {below}" in done.stderr
     assert (done.returncode == 0) == allowed, done.stderr
-    if allowed:
-        assert "RNN_EXT_ALLOW_UNTESTED_TORCH=1" in (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
 
 
-def test_claimed_torch_floor_is_the_one_setup_checks_and_this_torch_meets_it():
+def test_the_gpu_machines_torch_builds_without_the_override():
+    # Its torch: 2.11.0+cu130 (the device tool's page). CI's oldest stage builds on that release.
+    assert torch.torch_version.TorchVersion("2.11.0+cu130") >= setup_floor()
+    assert "RNN_EXT_ALLOW_UNTESTED_TORCH" not in (REPO_ROOT / "scripts" / "gpu_check.sh").read_text()
+
+
+@pytest.mark.parametrize("compiler", ["cxx", "nvcc"])
+def test_build_names_its_cxx_standard_for_both_compilers(compiler):
+    """torch's cpp_extension adds its own -std= only where none is given, and its default is
+    C++17 before 2.13: the sources need C++20 on every torch."""
+    if compiler == "nvcc" and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
+        pytest.skip("the CUDA kernels' flags need a CUDA build of torch and a CUDA toolkit")
+    done = run_setup_py("", FORCE_CUDA="1" if compiler == "nvcc" else "0")
+    assert done.returncode == 0, done.stderr
+    flags = json.loads(done.stdout.strip().splitlines()[-1])[compiler]
+    assert [f for f in flags if f.startswith("-std=")] == ["-std=c++20"]
+
+
+def test_claimed_torch_floor_is_the_one_setup_checks_ci_tests_and_this_torch_meets_it():
     (dependency,) = [d for d in pyproject()["project"]["dependencies"] if d.startswith("torch")]
     floor = dependency.removeprefix("torch>=")
-    setup_text = (REPO_ROOT / "setup.py").read_text()
-    assert f'MIN_TORCH = "{floor}"' in setup_text
+    assert floor == setup_floor()
     assert torch.__version__ >= floor
-    ci = (REPO_ROOT / ".ci" / "run").read_text()
-    assert f"torch=={floor}.0 " in ci  # CI tests the floor itself
+    oldest = (REPO_ROOT / ".ci" / "requirements-oldest.txt").read_text()
+    assert re.search(rf"^torch=={re.escape(floor)}\.0$", oldest, re.M)  # CI tests the floor itself
+    assert "requirements-oldest.txt" in (REPO_ROOT / ".ci" / "run").read_text()
