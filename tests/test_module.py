@@ -1,5 +1,6 @@
 """rnn_ext.RNN against torch.nn.RNN (same weights) and against the plain reference loop."""
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -141,6 +142,31 @@ def test_state_dict_round_trip_both_ways(device):
     back = nn.RNN(3, 4, num_layers=2, bidirectional=True).to(device)
     back.load_state_dict(ours.state_dict(), strict=True)
     torch.testing.assert_close(back(x), theirs(x))
+
+
+@pytest.mark.parametrize("kind", ["RNN", "RNNCell"])
+def test_whole_model_loads_with_weights_only_once_allow_listed(kind, device, tmp_path):
+    """torch.load(path, weights_only=True) of a whole saved model, as the README shows: the
+    allow-list that names torch.nn.RNN names rnn_ext.RNN and rnn_ext.RNNCell too."""
+    torch.manual_seed(0)
+    if kind == "RNN":
+        model = rnn_ext.RNN(3, 4, num_layers=2, bidirectional=True, batch_first=True).to(device).double()
+        x = randn(2, 5, 3, device=device)
+    else:
+        model = rnn_ext.RNNCell(3, 4, nonlinearity="relu").to(device).double()
+        x = randn(2, 3, device=device)
+    expected = model(x)
+    torch.save(model, tmp_path / "model.pt")
+
+    with torch.serialization.safe_globals([nn.RNN, nn.RNNCell]), pytest.raises(
+        pickle.UnpicklingError, match=f"rnn_ext.module.{kind}"
+    ):
+        torch.load(tmp_path / "model.pt", weights_only=True)
+    with torch.serialization.safe_globals([nn.RNN, nn.RNNCell, rnn_ext.RNN, rnn_ext.RNNCell]):
+        loaded = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
 
 
 def test_module_moves_and_converts(device):
