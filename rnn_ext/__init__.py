@@ -27,9 +27,24 @@ def _installed_copy():
     return spec if built else None
 
 
+def _built_here():
+    """The compiled extension's file next to this one, or None."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.exists(os.path.join(package_dir, "_C" + suffix)):
+            return os.path.join(package_dir, "_C" + suffix)
+    return None
+
+
 try:
     from . import _C  # noqa: F401  (registers the ops with the dispatcher)
 except ImportError as error:
+    if _built_here() is not None:  # there, but it does not load: not a missing build
+        raise ImportError(
+            f"rnn_ext's compiled extension {_built_here()} does not load with torch {torch.__version__} "
+            f"({error}). It is usually built against another torch: rebuild it against this one "
+            "(pip install --no-build-isolation . , or python setup.py build_ext --inplace)"
+        ) from error
     _installed = _installed_copy()
     if _installed is None:
         raise ImportError(

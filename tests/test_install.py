@@ -2,6 +2,7 @@
 unbuilt source tree shadows the installed package), the console command the install adds, and
 the torch version it claims."""
 import importlib
+import importlib.machinery
 import json
 import os
 import re
@@ -80,6 +81,17 @@ def test_unbuilt_source_tree_with_no_built_copy_elsewhere_says_how_to_build(unbu
     assert result.returncode != 0
     assert "ImportError: rnn_ext's compiled extension rnn_ext._C is missing" in result.stderr
     assert "pip install --no-build-isolation ." in result.stderr and "build_ext --inplace" in result.stderr
+
+
+def test_a_built_extension_that_does_not_load_says_so_not_that_it_is_missing(unbuilt_source_tree):
+    # As after an upgrade of torch: the binary is there, but built against another torch (torch
+    # 2.10 fails so on an undefined symbol of its C++ autograd API).
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (unbuilt_source_tree / "rnn_ext" / f"_C{suffix}").write_bytes(b"not a shared library")
+    result = run_python(["-c", "import rnn_ext"], cwd=unbuilt_source_tree)
+    assert result.returncode != 0
+    assert f"_C{suffix} does not load with torch {torch.__version__}" in result.stderr
+    assert "rebuild it against this one" in result.stderr and "is missing" not in result.stderr
 
 
 def test_console_command_is_the_benchmark(monkeypatch, capsys):
