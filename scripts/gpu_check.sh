@@ -62,6 +62,9 @@ status_word() {
   esac
 }
 
+# ": " and the last line of file $1 (pytest's counts), or nothing when there is no such file.
+last_line() { [[ -s "$1" ]] && echo ": $(tail -n 1 "$1")"; }
+
 # pytest -v output in $2 -> what failed, or (after a timeout) the test that was running.
 test_report() {
   local rc=$1 file=$2
@@ -152,8 +155,8 @@ part "summary"
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)"
   echo "- $("$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null); $(nvcc --version 2>/dev/null | grep -o 'release [0-9.]*' || echo 'nvcc ?')"
   echo "- build (sm_90): $(status_word $build_rc), ${build_s}s"
-  echo "- CUDA tests (pytest -m cuda): $(status_word $cuda_rc): $(tail -n 1 "$WORK/cuda.txt" 2>/dev/null)"
-  echo "- CPU tests: $(status_word $cpu_rc): $(tail -n 1 "$WORK/cpu.txt" 2>/dev/null)"
+  echo "- CUDA tests (pytest -m cuda): $(status_word $cuda_rc)$(last_line "$WORK/cuda.txt")"
+  echo "- CPU tests: $(status_word $cpu_rc)$(last_line "$WORK/cpu.txt")"
   [[ -s "$WORK/bench-status.txt" ]] && sed 's/^/- /' "$WORK/bench-status.txt"
   echo
   for name in cuda cpu; do
