@@ -1,12 +1,14 @@
 """Plain-autograd speed of two or more builds of rnn_ext, side by side: a regression check.
 
     python benchmarks/ab_builds.py before=/path/to/old/checkout after=. [--rounds 8] [--markdown FILE]
+        [--threads 2] [--shapes small|large|all]
 
 Each NAME=PATH is a directory holding a built ``rnn_ext`` package (a checkout built in place, or
-a copy of one). Every round runs one fresh process per build, in rotating order, with one thread;
-a process times forward+backward of small shapes (where fixed per-call costs show most) and
-reports, per shape, the best of 15 samples of at least 50 ms. The table gives each build's median
-over rounds, and its ratio to the first build.
+a copy of one). Every round runs one fresh process per build, in rotating order, with --threads
+threads (default 1); a process times forward+backward of the shapes (small: where fixed per-call
+costs show most; large: where the kernels and the threads do) and reports, per shape, the best of
+15 samples of at least 50 ms (large shapes: 5 samples). The table gives each build's median over
+rounds, and its ratio to the first build.
 """
 import argparse
 import gc
@@ -18,7 +20,7 @@ import sys
 import time
 
 # B, L, I, H, layers, bidirectional, kind ("dense", "packed", "lengths", or "cell": one RNNCell step)
-SHAPES = [
+SMALL_SHAPES = [
     (1, 100, 32, 32, 1, False, "dense"),
     (8, 100, 64, 64, 1, False, "dense"),
     (1, 10, 8, 8, 1, False, "dense"),
@@ -28,6 +30,16 @@ SHAPES = [
     (1, 1, 32, 32, 1, False, "cell"),
     (8, 1, 64, 64, 1, False, "cell"),
 ]
+LARGE_SHAPES = [
+    (1, 1000, 64, 256, 1, False, "dense"),
+    (32, 200, 128, 128, 1, False, "dense"),
+    (16, 50, 128, 128, 2, True, "dense"),
+    (64, 100, 256, 256, 2, False, "dense"),
+    (128, 50, 1024, 1024, 1, False, "dense"),
+    (4, 100, 512, 512, 1, False, "dense"),
+    (64, 200, 128, 128, 1, False, "lengths"),
+]
+SHAPE_SETS = {"small": SMALL_SHAPES, "large": LARGE_SHAPES, "all": SMALL_SHAPES + LARGE_SHAPES}
 
 
 def label(shape):
@@ -65,7 +77,7 @@ def training_step(shape):
 
 
 def best_time(step, samples=15, min_time=0.05):
-    for _ in range(20):
+    for _ in range(3 if samples < 15 else 20):
         step()
     best = float("inf")
     gc.disable()
@@ -90,8 +102,10 @@ def worker():
     expected = os.path.realpath(os.environ["PYTHONPATH"].split(os.pathsep)[0])
     if not os.path.realpath(rnn_ext.__file__).startswith(expected + os.sep):
         sys.exit(f"{expected} holds no built rnn_ext: {rnn_ext.__file__} was loaded instead")
-    torch.set_num_threads(1)
-    print(json.dumps({label(shape): best_time(training_step(shape)) * 1e6 for shape in SHAPES}))
+    torch.set_num_threads(int(os.environ["AB_THREADS"]))
+    shapes = SHAPE_SETS[os.environ["AB_SHAPES"]]
+    print(json.dumps({label(shape): best_time(training_step(shape), samples=15 if shape in SMALL_SHAPES else 5) * 1e6
+                      for shape in shapes}))
 
 
 def main():
@@ -99,6 +113,8 @@ def main():
     parser.add_argument("builds", nargs="+", metavar="NAME=PATH", help="at least two; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--markdown", metavar="FILE")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each process (default: 1)")
+    parser.add_argument("--shapes", choices=list(SHAPE_SETS), default="small")
     args = parser.parse_args()
     builds = dict(b.split("=", 1) for b in args.builds)
     if len(builds) < 2 or not all(os.path.isdir(os.path.join(p, "rnn_ext")) for p in builds.values()):
@@ -107,14 +123,15 @@ def main():
     times = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            env = dict(os.environ, PYTHONPATH=os.path.abspath(builds[name]), OMP_NUM_THREADS="1")
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(builds[name]), OMP_NUM_THREADS=str(args.threads),
+                       AB_THREADS=str(args.threads), AB_SHAPES=args.shapes)
             done = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
                                   check=True)
             times[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     lines = ["| B,L,I,H,layers,bidir,kind | " + " | ".join(f"{n}, µs" for n in names) + " | "
              + " | ".join(f"{n} / {names[0]}" for n in names[1:]) + " |",
              "|---" * (2 * len(names)) + "|"]
-    for shape in map(label, SHAPES):
+    for shape in map(label, SHAPE_SETS[args.shapes]):
         median = {n: statistics.median(t[shape] for t in times[n]) for n in names}
         lines.append(f"| {shape} | " + " | ".join(f"{median[n]:.1f}" for n in names) + " | "
                      + " | ".join(f"{median[n] / median[names[0]]:.3f}" for n in names[1:]) + " |")

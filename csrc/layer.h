@@ -14,16 +14,14 @@
 //       whether its kernels run this dtype; if not, the driver computes in float32 and rounds
 //   template <typename F> static void dispatch(at::ScalarType, F&& f)
 //       calls f(DType<scalar_t>{}) for the input's (native) dtype
-//   template <typename F> void for_each_direction(const LayerSizes&, F&& body)
-//       calls body(d, single_thread) for every direction d, in any order or concurrently;
-//       single_thread asks the direction's walk not to split its steps over threads
 //   template <typename scalar_t> void project(const StepSchedule&, x [N, I], w_ih [D*H, I], bias [D*H]?, output [N, D*H])
 //       output = x w_ih^T + bias (the input projection of every step at once), on at least the
 //       rows the steps own (StepSchedule::step_rows); other rows may be left as anything
-//   template <typename scalar_t> void forward_walk(const StepSchedule&, const ForwardWalk<scalar_t>&, bool single_thread)
-//   template <typename scalar_t> void backward_walk(const StepSchedule&, const BackwardWalk<scalar_t>&, bool single_thread)
-//       one direction's recurrence, and its gradient; each visits the steps through
-//       StepSchedule::walk, which holds the rules of a variable-length batch
+//   template <typename scalar_t> void forward_walks(const StepSchedule&, const std::vector<ForwardWalk<scalar_t>>&)
+//   template <typename scalar_t> void backward_walks(const StepSchedule&, const std::vector<BackwardWalk<scalar_t>>&)
+//       every direction's recurrence (one or two), and its gradient, in any order or concurrently;
+//       each visits the steps through StepSchedule (walk, walk_step), which holds the rules of a
+//       variable-length batch
 //   template <typename scalar_t> void grad_input(const StepSchedule&, grad_z [gathered rows, D*H], w_ih [D*H, I], grad_input [N, I])
 //       grad_input = grad_z w_ih, from grad_z in the gathered layout (StepSchedule::step_rows) into
 //       at least the rows the steps own (as project)
@@ -143,12 +141,12 @@ std::tuple<at::Tensor, at::Tensor> layer_forward(
   Backend::dispatch(dtype, [&](auto type) {
     using scalar_t = typename decltype(type)::type;
     backend.template project<scalar_t>(steps, x, w_ih, bias, output);
-    backend.for_each_direction(s, [&](int64_t d, bool single_thread) {
-      const ForwardWalk<scalar_t> walk{
-          d == 1, relu, s.H, ld, h0[d].data_ptr<scalar_t>(), direction_weights(weights, d, s.has_bias).w_hh,
-          output.data_ptr<scalar_t>() + d * s.H, h_n[d].data_ptr<scalar_t>()};
-      backend.template forward_walk<scalar_t>(steps, walk, single_thread);
-    });
+    std::vector<ForwardWalk<scalar_t>> walks;
+    for (int64_t d = 0; d < s.D; ++d) {
+      walks.push_back({d == 1, relu, s.H, ld, h0[d].data_ptr<scalar_t>(), direction_weights(weights, d, s.has_bias).w_hh,
+                       output.data_ptr<scalar_t>() + d * s.H, h_n[d].data_ptr<scalar_t>()});
+    }
+    backend.template forward_walks<scalar_t>(steps, walks);
   });
   if (steps.padded()) {
     backend.zero_rows(output, steps.padding_rows());
@@ -205,15 +203,15 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> layer_backward(
   Backend::dispatch(dtype, [&](auto type) {
     using scalar_t = typename decltype(type)::type;
     using acc_t = at::opmath_type<scalar_t>;
-    backend.for_each_direction(s, [&](int64_t d, bool single_thread) {
-      const BackwardWalk<scalar_t> walk{
-          d == 1, relu, s.H, ld, grad_out.data_ptr<scalar_t>() + d * s.H, grad_last[d].data_ptr<scalar_t>(),
-          h0[d].data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + d * s.H,
-          direction_weights(weights, d, s.has_bias).w_hh, grad_z.data_ptr<scalar_t>() + d * s.H,
-          h_prev.defined() ? h_prev.data_ptr<scalar_t>() + d * s.H : nullptr,
-          grad_hx.defined() ? grad_hx[d].data_ptr<acc_t>() : nullptr};
-      backend.template backward_walk<scalar_t>(steps, walk, single_thread);
-    });
+    std::vector<BackwardWalk<scalar_t>> walks;
+    for (int64_t d = 0; d < s.D; ++d) {
+      walks.push_back({d == 1, relu, s.H, ld, grad_out.data_ptr<scalar_t>() + d * s.H, grad_last[d].data_ptr<scalar_t>(),
+                       h0[d].data_ptr<scalar_t>(), out.data_ptr<scalar_t>() + d * s.H,
+                       direction_weights(weights, d, s.has_bias).w_hh, grad_z.data_ptr<scalar_t>() + d * s.H,
+                       h_prev.defined() ? h_prev.data_ptr<scalar_t>() + d * s.H : nullptr,
+                       grad_hx.defined() ? grad_hx[d].data_ptr<acc_t>() : nullptr});
+    }
+    backend.template backward_walks<scalar_t>(steps, walks);
     if (output_mask[0]) {
       backend.template grad_input<scalar_t>(steps, grad_z, stacked_w_ih(weights, s), grad_input);
     }

@@ -172,20 +172,20 @@ at::Tensor row_index(const RowSet& rows) {
   return at::tensor(at::IntArrayRef(rows.index, rows.count), at::TensorOptions().dtype(at::kLong));
 }
 
-StepSchedule StepSchedule::half(int64_t which) const {
-  TORCH_INTERNAL_ASSERT(which == 0 || which == 1);
-  StepSchedule half;
-  half.padded_ = padded_;
-  half.rows_ = rows_;
-  half.batch_ = batch_;
-  half.gathered_stride_ = 2 * gathered_stride_;
-  for (int64_t r = which; r < started(); r += 2) half.order_.push_back(order() != nullptr ? order_[r] : r);
+StepSchedule StepSchedule::part(int64_t which, int64_t parts) const {
+  TORCH_INTERNAL_ASSERT(which >= 0 && which < parts && which < started());
+  StepSchedule part;
+  part.padded_ = padded_;
+  part.rows_ = rows_;
+  part.batch_ = batch_;
+  part.gathered_stride_ = parts * gathered_stride_;
+  for (int64_t r = which; r < started(); r += parts) part.order_.push_back(order() != nullptr ? order_[r] : r);
   for (int64_t t = 0; t < steps() && sizes_[t] > which; ++t) {
-    half.sizes_.push_back((sizes_[t] - which + 1) / 2);  // positions which, which + 2, ... below size(t)
-    half.offsets_.push_back(offsets_[t]);
-    half.gathered_offsets_.push_back(gathered_offsets_[t] + which * gathered_stride_);
+    part.sizes_.push_back((sizes_[t] - which + parts - 1) / parts);  // positions which, which + parts, ... below size(t)
+    part.offsets_.push_back(offsets_[t]);
+    part.gathered_offsets_.push_back(gathered_offsets_[t] + which * gathered_stride_);
   }
-  return half;
+  return part;
 }
 
 at::Tensor StepSchedule::idle_rows() const {
@@ -344,9 +344,10 @@ at::Tensor dense_grad_w_hh(
 
 }  // namespace
 
-std::vector<at::Tensor> weight_grads_from(const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products) {
+std::vector<at::Tensor> weight_grads_from(
+    const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products, const at::Tensor& column_sums) {
   const int64_t H = sizes.H;
-  const auto grad_b = sizes.has_bias ? grad_z.sum(0) : at::Tensor();
+  const auto grad_b = !sizes.has_bias ? at::Tensor() : column_sums.defined() ? column_sums : grad_z.sum(0);
   std::vector<at::Tensor> grads;
   for (int64_t d = 0; d < sizes.D; ++d) {
     auto [grad_w_ih, grad_w_hh] = products(d);

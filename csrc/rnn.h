@@ -95,7 +95,7 @@ class StepSchedule {
   // kept, in step order (gather_rows, step_rows); the layout itself unless padded.
   int64_t gathered_offset(int64_t t) const { return gathered_offsets_[t]; }
   int64_t gathered_rows() const { return gathered_rows_; }
-  // Rows between consecutive rows of a step in the gathered layout: 1, or 2 in a half().
+  // Rows between consecutive rows of a step in the gathered layout: 1, or the number of parts in a part().
   int64_t gathered_stride() const { return gathered_stride_; }
   bool padded() const { return padded_; }
   const int64_t* order() const { return order_.empty() ? nullptr : order_.data(); }
@@ -112,12 +112,13 @@ class StepSchedule {
   // The batch rows that run no step (a padded batch's rows of length 0): [B - started()] int64 on the CPU.
   at::Tensor idle_rows() const;
 
-  // Half `which` (0 or 1) of the rows: those at even (odd) positions of the walk's row order, as a
-  // schedule of their own (a padded one's order, or the batch's). Sequences are independent, so the two halves can be walked
-  // at the same time, with no synchronisation per step; each keeps its rows where the whole
-  // schedule has them, in the layout and in the gathered layout (every other row: stride 2). Only
-  // the walk's members (steps, size, offset, gathered_offset, gathered_stride, order) are set.
-  StepSchedule half(int64_t which) const;
+  // Part `which` of `parts` of the rows: those at positions which, which + parts, ... of the walk's
+  // row order, as a schedule of their own (a padded one's order, or the batch's). Sequences are
+  // independent, so the parts can be walked at the same time, with no synchronisation per step;
+  // each keeps its rows where the whole schedule has them, in the layout and in the gathered layout
+  // (every parts-th row: gathered_stride() grows by that factor). Only the walk's members (steps,
+  // size, offset, gathered_offset, gathered_stride, order, started) are set. Needs which < started().
+  StepSchedule part(int64_t which, int64_t parts) const;
 
   // Step t of the forward (reverse == false) or reverse direction.
   Step step(int64_t t, bool reverse) const {
@@ -130,13 +131,16 @@ class StepSchedule {
     return {t, offsets_[t], rows, t + 1, later, t - 1, earlier};
   }
 
+  // Step i (0, 1, ..., steps() - 1) of a direction's walk, in the order of the pass.
+  Step walk_step(int64_t i, bool reverse, Pass pass) const {
+    const bool increasing_t = reverse == (pass == Pass::kBackward);
+    return step(increasing_t ? i : steps() - 1 - i, reverse);
+  }
+
   // Calls body(const Step&) for every step of a direction, in the order of the pass.
   template <typename F>
   void walk(bool reverse, Pass pass, F&& body) const {
-    const bool increasing_t = reverse == (pass == Pass::kBackward);
-    for (int64_t i = 0; i < steps(); ++i) {
-      body(step(increasing_t ? i : steps() - 1 - i, reverse));
-    }
+    for (int64_t i = 0; i < steps(); ++i) body(walk_step(i, reverse, pass));
   }
 
  private:
@@ -196,9 +200,11 @@ std::vector<at::Tensor> weight_grads(
     const at::Tensor& h_prev, const LayerSizes& sizes);
 
 // weight_grads' list, with direction d's (grad_w_ih, grad_w_hh) from products(d): for a backend
-// with products of its own. The biases' gradients are grad_z's column sums.
+// with products of its own. The biases' gradients are grad_z's column sums, grad_b [D*H] where
+// the backend sums them itself, else grad_z.sum(0).
 using WeightProducts = std::function<std::pair<at::Tensor, at::Tensor>(int64_t d)>;
-std::vector<at::Tensor> weight_grads_from(const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products);
+std::vector<at::Tensor> weight_grads_from(
+    const at::Tensor& grad_z, const LayerSizes& sizes, const WeightProducts& products, const at::Tensor& grad_b = {});
 
 // Whether a layer runs no time step (no input rows, or every length 0): then h_n is hx. The one test for it.
 inline bool runs_no_step(const StepSchedule& steps) {

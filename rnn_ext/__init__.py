@@ -58,11 +58,11 @@ except ImportError as error:
     _installed.loader.exec_module(sys.modules[__name__])
 
 if _C is not None:
-    from . import batching, ops  # noqa: F401  (batching registers the ops' vmap rules)
+    from . import batching, ops, threads  # noqa: F401  (batching registers the ops' vmap rules)
     from .functional import rnn, rnn_cell
     from .module import RNN, RNNCell
 
-__all__ = ["RNN", "RNNCell", "rnn", "rnn_cell", "ops", "cuda_kernels_built", "cpu_isa"]
+__all__ = ["RNN", "RNNCell", "rnn", "rnn_cell", "ops", "threads", "cuda_kernels_built", "cpu_isa"]
 __version__ = "0.1.0"
 
 

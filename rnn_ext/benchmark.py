@@ -1,5 +1,6 @@
 """Times ``rnn_ext.RNN`` against ``torch.nn.RNN`` with the same weights, in one process
-(``--cell``: ``rnn_ext.RNNCell`` against ``torch.nn.RNNCell``, see ``rnn_ext.cell_benchmark``).
+(``--cell``: ``rnn_ext.RNNCell`` against ``torch.nn.RNNCell``, see ``rnn_ext.cell_benchmark``;
+``--threads 1,2,4,8,16``: both across thread counts, see ``rnn_ext.thread_benchmark``).
 
 Run ``rnn-ext-benchmark --help`` (the console command pip installs; ``python -m
 rnn_ext.benchmark`` is the same). For each shape both implementations get the
@@ -703,7 +704,9 @@ def build_parser():
                         help="seconds of warm-up and timing per shape, past which rounds are cut (to no fewer than "
                         f"{MIN_ROUNDS}); "
                         "0: never cut (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--threads", metavar="P[,P...]",
+                        help="torch.set_num_threads; several counts (e.g. 1,2,4,8,16) time each shape at each, "
+                        "with parallel efficiencies (see rnn_ext/thread_benchmark.py) (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0, help="weights, inputs and lengths (default: %(default)s)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     parser.add_argument("--plot", metavar="FILE", help="also draw the speedups as a PNG")
@@ -711,7 +714,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from . import cell_benchmark
+    from . import cell_benchmark, thread_benchmark
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -732,10 +735,17 @@ def main(argv=None):
         parser.error("--plot needs matplotlib: pip install matplotlib (or the package's [bench] extra)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    thread_counts = None
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+        try:
+            thread_counts = thread_benchmark.parse_threads(args.threads)
+        except ValueError:
+            parser.error(f"--threads takes positive integers separated by commas, got {args.threads!r}")
+        if len(thread_counts) == 1:
+            torch.set_num_threads(thread_counts[0])
+            thread_counts = None
+        elif args.cell or args.packed or args.lengths or args.autocast or args.plot:
+            parser.error("several --threads take no --cell, --packed, --lengths, --autocast or --plot")
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -747,6 +757,8 @@ def main(argv=None):
 
     if args.cell:
         return cell_benchmark.run_cell_benchmark(args, shapes, device)
+    if thread_counts is not None:
+        return thread_benchmark.run_thread_benchmark(args, shapes, thread_counts, device)
     rows, peak_gflops = run_benchmark(args, shapes, device)
     under = f" under autocast({args.autocast})" if args.autocast else ""
     print(f"SGEMM peak {peak_gflops:.1f} GFLOP/s; {args.dtype}{under} on {device}, {torch.get_num_threads()} threads")

@@ -6,7 +6,8 @@
 #      and tests/test_cuda.py), then the CPU cases if time allows,
 #   3. python -m rnn_ext.benchmark --device cuda against nn.RNN (cuDNN): float32 and bfloat16
 #      dense, float32 packed, and float32 padded batches with lengths= (batch-first), and
-#      --cell: loops of rnn_ext.RNNCell against nn.RNNCell,
+#      --cell: loops of rnn_ext.RNNCell against nn.RNNCell; then, on the machine's CPU cores,
+#      --threads 1,2,4,8,16: rnn_ext and nn.RNN across thread counts (the many-core CPU check),
 # writing a summary to $OUT/cuda.md (benchmarks/results/cuda.md when OUT is unset) and every line
 # of output to $OUT/log.txt (log.txt next to cuda.md). Each part has its own time limit and the
 # whole run stays under about 7 minutes; the exit status is 0 only if the build and the CUDA
@@ -91,7 +92,9 @@ run_bench() {
     echo "benchmark $name: $(status_word $NO_GPU)" >> "$WORK/bench-status.txt"
     return "$NO_GPU"
   fi
-  limited "$limit" "$PYTHON" -m rnn_ext.benchmark --device cuda --markdown "$WORK/bench-$name.md" "$@"
+  local device=cuda
+  [[ $name == cpu-threads ]] && device=cpu
+  limited "$limit" "$PYTHON" -m rnn_ext.benchmark --device "$device" --markdown "$WORK/bench-$name.md" "$@"
   local rc=$?
   echo "benchmark $name: $(status_word $rc)" >> "$WORK/bench-status.txt"
   return $rc
@@ -137,6 +140,9 @@ if (( build_rc == 0 )); then
   run_bench packed 30 --packed --shape-budget 4
   run_bench lengths 30 --lengths --batch-first --shapes 32,200,64,64 64,500,128,128 128,100,256,256 --shape-budget 4
   run_bench cell 25 --cell --shapes 1,32,32 1,256,256 16,128,128 64,1024,1024,20 --shape-budget 3
+  # The CPU's cores (16 on the lent machine), after the GPU parts: the walks' thread scaling.
+  run_bench cpu-threads 75 --threads 1,2,4,8,16 --shapes 1,1000,64,256 32,200,128,128 64,100,256,256,2 \
+    128,50,1024,1024 --rounds 3 --min-time 0.01 --shape-budget 2
 fi
 if (( build_rc == 0 && HAVE_PYTEST == 1 )); then
   run_tests cpu "$CPU_TESTS_LIMIT_S" "not cuda and not slow"
@@ -170,7 +176,7 @@ part "summary"
       echo
     fi
   done
-  for name in float32 bfloat16 packed lengths; do
+  for name in float32 bfloat16 packed lengths cpu-threads; do
     if [[ -s "$WORK/bench-$name.md" ]]; then
       echo "## Benchmark: $name"
       echo

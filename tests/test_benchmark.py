@@ -151,6 +151,46 @@ def test_cell_mode_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_threads_mode_writes_table_and_markdown(tmp_path, capsys):
+    markdown = tmp_path / "threads.md"
+    threads_before = torch.get_num_threads()
+    rows = benchmark.main(["--threads", "2,3", "--shapes", "8,50,3,64", "1,4,2,4,1,yes", "--rounds", "1",
+                           "--min-time", "0", "--markdown", str(markdown)])
+    assert torch.get_num_threads() == threads_before
+    assert [(row.shape.label, row.threads) for row in rows] == [
+        ("8,50,3,64,1,no", 2), ("8,50,3,64,1,no", 3), ("1,4,2,4,1,yes", 2), ("1,4,2,4,1,yes", 3)]
+    assert rows[0].split == "2x1" and rows[2].split == "1x1 + 1x1"
+    for row in rows:
+        assert row.speedup("fwd") > 0 and row.efficiency("ours", "fwd_bwd") > 0 and row.efficiency("reference", "fwd") > 0
+    printed = capsys.readouterr().out
+    assert "eff ours" in printed and "8,50,3,64,1,no" in printed
+    text = markdown.read_text()
+    assert "| shape B,L,I,H,layers,bidir | threads | rnn_ext split |" in text and "| 8,50,3,64,1,no | 3 | 2x1 |" in text
+    assert "{" not in text
+
+
+def test_threads_efficiency_is_against_one_thread():
+    from rnn_ext import thread_benchmark
+
+    times = lambda seconds: {"fwd": seconds, "fwd_bwd": 3 * seconds}  # noqa: E731
+    row = thread_benchmark.ThreadRow(Shape(1, 2, 3, 4), 4, 5, "4x1", times(1.0), times(0.5), times(2.0), times(1.5))
+    assert row.speedup("fwd") == 2.0
+    assert row.efficiency("reference", "fwd") == 0.5 and row.efficiency("ours", "fwd_bwd") == 0.75
+    assert max(len(line) for line in thread_benchmark.format_terminal_table([row]).splitlines()) <= benchmark.TERMINAL_WIDTH
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads takes positive integers"),
+    (["--threads", "2,x"], "--threads takes positive integers"),
+    (["--threads", "1,2", "--cell"], "several --threads take no --cell"),
+    (["--threads", "1,2", "--packed"], "several --threads take no"),
+])
+def test_threads_mode_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
+
+
 def _row(shape, seconds, variable=None):
     modes = benchmark.MODES
     padded = {mode: seconds / 2 for mode in modes} if variable else None

@@ -28,14 +28,33 @@ def test_bitwise_deterministic(shape, device):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-def test_concurrent_threads_match_sequential_runs():
+# Small layers on one thread each, and two whose walks split over torch's threads (at 8: 4 row
+# groups x 2 column slices, and 4 column slices of 2 rows).
+CONCURRENT_JOBS = [(25, 3, 6, 12, False), (25, 3, 6, 16, True), (25, 3, 6, 20, False), (25, 3, 6, 24, True),
+                   (30, 16, 16, 160, False), (40, 2, 8, 256, True)]
+
+
+@pytest.mark.parametrize("torch_threads", [None, 8], ids=["default-threads", "8-threads"])
+def test_concurrent_threads_match_sequential_runs(torch_threads):
+    """Several Python threads run rnn_ext at once, each with torch's threads (8: oversubscribed on a
+    small machine, each walk's split then sharing the cores with the others'), and get the bits the
+    same layers get one after the other."""
+    threads_before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        concurrent_runs_match_sequential_ones()
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def concurrent_runs_match_sequential_ones():
     torch.manual_seed(1)
     jobs = []
-    for i in range(4):
-        model = rnn_ext.RNN(6, 12 + 4 * i, num_layers=2, bidirectional=i % 2 == 1)
-        directions = 2 if i % 2 else 1
-        x = torch.randn(25, 3, 6, requires_grad=True)
-        hx = torch.randn(2 * directions, 3, 12 + 4 * i, requires_grad=True)
+    for steps, batch, input_size, hidden, bidirectional in CONCURRENT_JOBS:
+        model = rnn_ext.RNN(input_size, hidden, num_layers=2, bidirectional=bidirectional)
+        x = torch.randn(steps, batch, input_size, requires_grad=True)
+        hx = torch.randn(4 if bidirectional else 2, batch, hidden, requires_grad=True)
         jobs.append((model, x, hx))
     sequential = [forward_backward(*job) for job in jobs]
 

@@ -1,10 +1,13 @@
 #include "kernels.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 namespace rnn_ext::cpu {
 
@@ -175,15 +178,30 @@ PackedWeight<scalar_t>::PackedWeight(const at::Tensor& W) : depth_(W.size(0)), c
   });
 }
 
+template <typename scalar_t>
+PackedColumns<scalar_t> PackedWeight<scalar_t>::columns(int64_t col0, int64_t col_end) const {
+  const auto& k = kernels<kernel_t<scalar_t>>();
+  TORCH_INTERNAL_ASSERT(col0 % k.panel_width == 0 && col0 <= col_end && col_end <= cols_);
+  return {data() + k.packed_size(depth_, col0), depth_, col_end - col0};
+}
+
+int64_t packed_panel_width(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return kernels<double>().panel_width;
+    case at::kBFloat16: return has_bf16_kernels() ? kernels<bf16_t>().panel_width : kernels<float>().panel_width;
+    default: return kernels<float>().panel_width;  // float, and what runs as float (float16)
+  }
+}
+
 template <typename scalar_t, typename c_t>
 void step(
-    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedWeight<scalar_t>& W, c_t* C, int64_t ldc,
-    Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, bool single_thread, RowIndex index,
+    int64_t rows, const std::type_identity_t<scalar_t>* A, int64_t lda, const PackedColumns<scalar_t>& W, c_t* C,
+    int64_t ldc, Epilogue epilogue, const std::type_identity_t<scalar_t>* y, int64_t ldy, RowIndex index,
     const std::type_identity_t<c_t>* start, int64_t ld_start) {
-  run(StepJob<kernel_t<scalar_t>, kernel_t<c_t>>{rows, W.cols(), W.depth(), bits(A), lda, bits(W.data()), bits(C), ldc,
+  run(StepJob<kernel_t<scalar_t>, kernel_t<c_t>>{rows, W.cols, W.depth, bits(A), lda, bits(W.data), bits(C), ldc,
                                                   epilogue, bits(y), ldy, /*accumulate=*/true, nullptr, index,
                                                   /*a_pair_stride=*/2, bits(start), ld_start},
-      single_thread);
+      /*single_thread=*/true);
 }
 
 template <typename scalar_t>
@@ -206,13 +224,14 @@ void pack_pairs(int64_t rows, int64_t cols, const bf16_t* const* row, bf16_t* ds
   });
 }
 
-const bf16_t* const* row_bits(const Bf16Rows& m, int64_t r0) {
+const bf16_t* const* row_bits(const MatrixRows<c10::BFloat16>& m, int64_t r0) {
   return reinterpret_cast<const bf16_t* const*>(m.rows.data() + r0);
 }
 
 }  // namespace
 
-std::vector<at::Tensor> bf16_transposed_products(const Bf16Rows& g, const std::vector<Bf16Rows>& ms) {
+std::vector<at::Tensor> bf16_transposed_products(
+    const MatrixRows<c10::BFloat16>& g, const std::vector<MatrixRows<c10::BFloat16>>& ms) {
   const int64_t rows = static_cast<int64_t>(g.rows.size());
   constexpr int64_t chunk_pairs = kTransposedChunkRows / 2;
   const auto groups = [](int64_t cols) { return (cols + 31) / 32; };
@@ -246,6 +265,39 @@ std::vector<at::Tensor> bf16_transposed_products(const Bf16Rows& g, const std::v
   return sums;
 }
 
+at::Tensor column_sums(const at::Tensor& t) {
+  const auto input = t.contiguous();
+  const int64_t rows = input.size(0);
+  const int64_t cols = input.size(1);
+  at::Tensor sums;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "rnn_ext_column_sums", [&] {
+    // float and double sum in double (a float sum of thousands of rows in order would drift from
+    // ATen's cascaded one), bfloat16 in float.
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, float, double>;
+    constexpr int64_t kCols = 64;  // a thread's columns at a time, summed side by side
+    sums = at::empty({cols}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const scalar_t* data = input.data_ptr<scalar_t>();
+    acc_t* out = sums.data_ptr<acc_t>();
+    at::parallel_for(0, (cols + kCols - 1) / kCols, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j0 = begin * kCols; j0 < std::min(end * kCols, cols); j0 += kCols) {
+        const int64_t n = std::min(kCols, cols - j0);
+        acc_t total[kCols] = {};
+        // Chunks of rows summed on their own, then added up in order: an error that grows with
+        // the chunk and the number of chunks, not with every row.
+        for (int64_t r0 = 0; r0 < rows; r0 += kTransposedChunkRows) {
+          acc_t chunk[kCols] = {};
+          for (int64_t r = r0; r < std::min(r0 + kTransposedChunkRows, rows); ++r) {
+            for (int64_t j = 0; j < n; ++j) chunk[j] += static_cast<acc_t>(data[r * cols + j0 + j]);
+          }
+          for (int64_t j = 0; j < n; ++j) total[j] += chunk[j];
+        }
+        for (int64_t j = 0; j < n; ++j) out[j0 + j] = total[j];
+      }
+    });
+  });
+  return sums.to(input.scalar_type());
+}
+
 template <typename scalar_t>
 void dot_step(const DotJob<scalar_t>& job) {
   const IsaKernels<scalar_t>& k = kernels<scalar_t>();
@@ -276,10 +328,10 @@ using c10::BFloat16;
 template class PackedWeight<float>;
 template class PackedWeight<double>;
 template class PackedWeight<BFloat16>;
-template void step<float, float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, Epilogue, const float*, int64_t, bool, RowIndex, const float*, int64_t);
-template void step<double, double>(int64_t, const double*, int64_t, const PackedWeight<double>&, double*, int64_t, Epilogue, const double*, int64_t, bool, RowIndex, const double*, int64_t);
-template void step<BFloat16, BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex, const BFloat16*, int64_t);
-template void step<BFloat16, float>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, float*, int64_t, Epilogue, const BFloat16*, int64_t, bool, RowIndex, const float*, int64_t);
+template void step<float, float>(int64_t, const float*, int64_t, const PackedColumns<float>&, float*, int64_t, Epilogue, const float*, int64_t, RowIndex, const float*, int64_t);
+template void step<double, double>(int64_t, const double*, int64_t, const PackedColumns<double>&, double*, int64_t, Epilogue, const double*, int64_t, RowIndex, const double*, int64_t);
+template void step<BFloat16, BFloat16>(int64_t, const BFloat16*, int64_t, const PackedColumns<BFloat16>&, BFloat16*, int64_t, Epilogue, const BFloat16*, int64_t, RowIndex, const BFloat16*, int64_t);
+template void step<BFloat16, float>(int64_t, const BFloat16*, int64_t, const PackedColumns<BFloat16>&, float*, int64_t, Epilogue, const BFloat16*, int64_t, RowIndex, const float*, int64_t);
 template void product<float>(int64_t, const float*, int64_t, const PackedWeight<float>&, float*, int64_t, const float*, RowIndex);
 template void product<BFloat16>(int64_t, const BFloat16*, int64_t, const PackedWeight<BFloat16>&, BFloat16*, int64_t, const BFloat16*, RowIndex);
 template void dot_step<float>(const DotJob<float>&);

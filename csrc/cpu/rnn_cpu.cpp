@@ -7,6 +7,9 @@
 // Backward: per direction a walk against time builds grad_z (gradient of the pre-activation) in
 // one [N, D*H] buffer; grad_input is then one product over all rows.
 //
+// The walks run on all of torch's threads: every direction's at once, each split into row groups
+// and column slices as walk_threads.h describes; the products over all rows split their tiles.
+//
 // bfloat16 is native where the CPU has AVX512_BF16 (the avx512_bf16 kernels): every product runs
 // on bf16 operands with float sums, and each step's state is rounded to bfloat16 as it is stored
 // in output, the operand the next step's product needs (nn.RNN rounds it too, and more often:
@@ -16,10 +19,14 @@
 // rounds the results.
 #include "../layer.h"
 #include "kernels.h"
+#include "walk_threads.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+
+#include <array>
 
 
 namespace rnn_ext::cpu {
@@ -42,9 +49,10 @@ struct StepRows {
 int64_t row_at(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
 
 // Rows [0, count) of t (rows t.stride(0) apart), columns [col0, col0 + cols).
-Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0, int64_t cols) {
-  Bf16Rows rows{std::vector<const c10::BFloat16*>(count), cols};
-  const c10::BFloat16* data = t.data_ptr<c10::BFloat16>() + col0;
+template <typename scalar_t>
+MatrixRows<scalar_t> rows_of(const at::Tensor& t, int64_t count, int64_t col0, int64_t cols) {
+  MatrixRows<scalar_t> rows{std::vector<const scalar_t*>(count), cols};
+  const scalar_t* data = t.data_ptr<scalar_t>() + col0;
   for (int64_t r = 0; r < count; ++r) rows.rows[r] = data + r * t.stride(0);
   return rows;
 }
@@ -52,11 +60,12 @@ Bf16Rows rows_of(const at::Tensor& t, int64_t count, int64_t col0, int64_t cols)
 // The state each row of a dense batch's direction d started from (weight_grads' h_prev, read in
 // place): the output B rows earlier (later, in reverse), or hx[d] for the walk's first step.
 // output [N, D*H] and hx [D, B, H] contiguous.
-Bf16Rows dense_state_rows(const at::Tensor& output, const at::Tensor& hx, int64_t d, const LayerSizes& s) {
+template <typename scalar_t>
+MatrixRows<scalar_t> dense_state_rows(const at::Tensor& output, const at::Tensor& hx, int64_t d, const LayerSizes& s) {
   const bool reverse = d == 1;
-  const c10::BFloat16* outputs = output.data_ptr<c10::BFloat16>() + d * s.H;
-  const c10::BFloat16* first = hx[d].data_ptr<c10::BFloat16>();
-  Bf16Rows rows{std::vector<const c10::BFloat16*>(s.N), s.H};
+  const scalar_t* outputs = output.data_ptr<scalar_t>() + d * s.H;
+  const scalar_t* first = hx[d].data_ptr<scalar_t>();
+  MatrixRows<scalar_t> rows{std::vector<const scalar_t*>(s.N), s.H};
   for (int64_t r = 0; r < s.N; ++r) {
     const int64_t from = reverse ? r + s.B : r - s.B;  // the output row the step started from
     rows.rows[r] = from >= 0 && from < s.N ? outputs + from * output.stride(0) : first + (reverse ? r - (s.N - s.B) : r) * s.H;
@@ -103,6 +112,73 @@ void gather_sum_rows(
   }
 }
 
+// A product of the weight gradients: out = sum over i of a_i^T b_i, a_i [rows_i, out rows] and b_i
+// [rows_i, out cols] (views).
+struct TransposedProduct {
+  at::Tensor out;
+  std::vector<std::pair<at::Tensor, at::Tensor>> terms;
+};
+
+// Each product in fixed blocks of its result (kBlockRows x kBlockCols: large enough that the GEMM's
+// packing of its operands, once per block, stays a few percent of it), each block by ATen's
+// GEMMs on one thread (inside a parallel region of two or more tasks, BLAS runs on its calling
+// thread): the blocks, and so the bits, are the same at every thread count, where one GEMM on
+// several threads may split the depth (thousands of rows) by thread.
+constexpr int64_t kBlockRows = 128;
+constexpr int64_t kBlockCols = 256;
+void blocked_products(std::vector<TransposedProduct>& products) {
+  std::vector<std::array<int64_t, 3>> blocks;  // product, first row, first column
+  for (int64_t p = 0; p < static_cast<int64_t>(products.size()); ++p) {
+    for (int64_t r = 0; r < products[p].out.size(0); r += kBlockRows) {
+      for (int64_t c = 0; c < products[p].out.size(1); c += kBlockCols) blocks.push_back({p, r, c});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // on each thread: the operands may require grad
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [p, r, c] = blocks[i];
+      const TransposedProduct& product = products[p];
+      const int64_t rows = std::min(kBlockRows, product.out.size(0) - r);
+      const int64_t cols = std::min(kBlockCols, product.out.size(1) - c);
+      auto out = product.out.narrow(0, r, rows).narrow(1, c, cols);
+      bool first = true;
+      for (const auto& [a, b] : product.terms) {
+        const auto a_block = a.narrow(1, r, rows).t();
+        const auto b_block = b.narrow(1, c, cols);
+        if (first) {
+          at::mm_out(out, a_block, b_block);
+        } else {
+          out.addmm_(a_block, b_block);
+        }
+        first = false;
+      }
+    }
+  });
+}
+
+// Direction d's (grad_w_ih, grad_w_hh) from its grad_z_d [rows, H]: grad_z_d^T x and grad_z_d^T
+// h_prev, h_prev gathered (packed and padded batches) or, for a dense batch, read in place: the
+// output B rows earlier (later, in reverse), and hx[d] for the walk's first step. Both products
+// block by block (blocked_products): there are always two, so the blocks run in a parallel region.
+std::pair<at::Tensor, at::Tensor> blocked_weight_products(
+    const at::Tensor& grad_z_d, const at::Tensor& x, const at::Tensor& h_prev, const at::Tensor& output,
+    const at::Tensor& hx, int64_t d, const LayerSizes& s) {
+  const auto options = grad_z_d.options();
+  std::vector<TransposedProduct> products{{at::empty({s.H, s.I}, options), {{grad_z_d, x}}},
+                                          {at::empty({s.H, s.H}, options), {}}};
+  if (h_prev.defined()) {
+    products[1].terms.push_back({grad_z_d, h_prev.narrow(1, d * s.H, s.H)});
+  } else {
+    const bool reverse = d == 1;
+    const int64_t later = s.N - s.B;  // rows whose step started from the output of another
+    const auto output_d = output.narrow(1, d * s.H, s.H);
+    products[1].terms.push_back({grad_z_d.narrow(0, reverse ? 0 : s.B, later), output_d.narrow(0, reverse ? s.B : 0, later)});
+    products[1].terms.push_back({grad_z_d.narrow(0, reverse ? later : 0, s.B), hx[d]});
+  }
+  blocked_products(products);
+  return {products[0].out, products[1].out};
+}
+
 Epilogue activation(bool relu) { return relu ? Epilogue::kRelu : Epilogue::kTanh; }
 Epilogue activation_grad(bool relu) { return relu ? Epilogue::kReluGrad : Epilogue::kTanhGrad; }
 
@@ -131,20 +207,6 @@ class CpuBackend {
   template <typename F>
   static void dispatch(at::ScalarType dtype, F&& f) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rnn_ext_cpu", [&] { f(DType<scalar_t>{}); });
-  }
-
-  // Both directions run side by side on two threads, each single-threaded (no per-step
-  // synchronisation); one direction splits its rows in two halves (walk_in_halves), or else each
-  // step's tiles over the threads.
-  template <typename F>
-  void for_each_direction(const LayerSizes& s, F&& body) {
-    if (s.D > 1 && at::get_num_threads() > 1) {
-      at::parallel_for(0, s.D, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t d = begin; d < end; ++d) body(d, /*single_thread=*/true);
-      });
-    } else {
-      for (int64_t d = 0; d < s.D; ++d) body(d, /*single_thread=*/false);
-    }
   }
 
   // On the rows the steps own, x's and output's in the layout, in the layout's order: x's rows,
@@ -189,125 +251,181 @@ class CpuBackend {
     return gathered;
   }
 
-  // bfloat16 on the bf16 kernels: each product's depth is every step's row, which they sum in
-  // float; other dtypes through ATen.
+  // The same bits at every thread count: bfloat16 on the bf16 kernels, whose sums run over the rows
+  // in order; float and double in fixed blocks (blocked_weight_products); the bias gradients by
+  // column_sums.
   std::vector<at::Tensor> weight_grads(
       const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& hx, const at::Tensor& output,
       const at::Tensor& h_prev, const LayerSizes& s) {
-    if (grad_z.scalar_type() != at::kBFloat16) return rnn_ext::weight_grads(grad_z, x, hx, output, h_prev, s);
+    const auto grad_b = s.has_bias ? column_sums(grad_z) : at::Tensor();
+    if (grad_z.scalar_type() != at::kBFloat16) {
+      const auto x_ = x.contiguous();
+      return weight_grads_from(grad_z, s, [&](int64_t d) {
+        return blocked_weight_products(grad_z.narrow(1, d * s.H, s.H), x_, h_prev, output, hx, d, s);
+      }, grad_b);
+    }
     const auto x_ = x.contiguous();
-    const Bf16Rows input_rows = rows_of(x_, x_.size(0), 0, s.I);
+    const auto input_rows = rows_of<c10::BFloat16>(x_, x_.size(0), 0, s.I);
     return weight_grads_from(grad_z, s, [&](int64_t d) -> std::pair<at::Tensor, at::Tensor> {
-      const Bf16Rows states = h_prev.defined() ? rows_of(h_prev, h_prev.size(0), d * s.H, s.H) : dense_state_rows(output, hx, d, s);
-      auto grads = bf16_transposed_products(rows_of(grad_z, grad_z.size(0), d * s.H, s.H), {input_rows, states});
-      return {std::move(grads[0]), std::move(grads[1])};
+      const auto states = h_prev.defined() ? rows_of<c10::BFloat16>(h_prev, h_prev.size(0), d * s.H, s.H)
+                                           : dense_state_rows<c10::BFloat16>(output, hx, d, s);
+      auto products = bf16_transposed_products(rows_of<c10::BFloat16>(grad_z, grad_z.size(0), d * s.H, s.H),
+                                               {input_rows, states});
+      return {std::move(products[0]), std::move(products[1])};
+    }, grad_b);
+  }
+
+  // Every direction's walk at once, on all threads: output[t] = act(output[t] + h_prev @ w_hh^T),
+  // h_prev the walk's previous state or hx.
+  template <typename scalar_t>
+  void forward_walks(const StepSchedule& steps, const std::vector<ForwardWalk<scalar_t>>& dirs) {
+    std::vector<PackedWeight<scalar_t>> w_hh_t;  // [H, H] packed: w_hh^T of each direction
+    for (const auto& dir : dirs) w_hh_t.emplace_back(dir.w_hh.t());
+    walk_plan<scalar_t>(steps, dirs).run(0, [&](const GroupWalk& group, int64_t i, Columns cols) {
+      forward_step(*group.steps, dirs[group.direction], w_hh_t[group.direction], i, cols);
     });
   }
 
-  // output[t] = act(output[t] + h_prev @ w_hh^T), h_prev the walk's previous state or hx.
+  // Every direction's gradient walk at once, on all threads: grad_z[t] = (grad_output[t] +
+  // grad_z[next] @ w_hh, or + grad_h_n where a sequence ends) * act'; then grad_hx in a last phase.
   template <typename scalar_t>
-  void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir, bool single_thread) {
-    if (walk_in_halves(steps, dir.H, single_thread)) {
-      in_halves(steps, [&](const StepSchedule& half) { forward_walk(half, dir, /*single_thread=*/true); });
-      return;
-    }
-    const Epilogue act = activation(dir.relu);
-    const int64_t H = dir.H;
-    const int64_t ld = dir.ld;
-    const PackedWeight<scalar_t> packed(dir.w_hh.t());
-    const StepRows order{steps.order()};
-    steps.walk(dir.reverse, Pass::kForward, [&](const Step& now) {
-      scalar_t* h = dir.output + now.offset * ld;
-      const int64_t carried = now.carried;
-      if (carried > 0) {
-        step(carried, dir.output + steps.offset(now.previous) * ld, ld, packed, h, ld, act, nullptr, 0, single_thread,
-             {order.index, order.index, nullptr});
-      }
-      if (carried < now.rows) {
-        const int64_t* index = order.index_from(carried);
-        step(now.rows - carried, order.from(dir.hx, H, carried), H, packed, order.from(h, ld, carried), ld, act, nullptr,
-             0, single_thread, {index, index, nullptr});
-      }
-      const int64_t ending = now.continuing;  // the first row ending here
-      copy_rows(order.from(dir.h_n, H, ending), H, order.from(h, ld, ending), ld, now.rows - ending, H,
-                order.index_from(ending));
-    });
-  }
-
-  // grad_z[t] = (grad_output[t] + grad_z[next] @ w_hh, or + grad_h_n where a sequence ends) * act'.
-  template <typename scalar_t>
-  void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir, bool single_thread) {
-    if (walk_in_halves(steps, dir.H, single_thread)) {
-      in_halves(steps, [&](const StepSchedule& half) { backward_walk(half, dir, /*single_thread=*/true); });
-      return;
-    }
-    const Epilogue act_grad = activation_grad(dir.relu);
-    const int64_t H = dir.H;
-    const int64_t ld = dir.ld;
-    const PackedWeight<scalar_t> packed(dir.w_hh);
-    const StepRows order{steps.order()};
-    const int64_t ldg = ld * steps.gathered_stride();  // rows apart in the gathered layout: grad_z, h_prev
-    steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
-      const int64_t at_rows = now.offset * ld;  // padded layout: grad_output, output
-      scalar_t* g = dir.grad_z + steps.gathered_offset(now.t) * ld;  // gathered layout
-      const scalar_t* y = dir.output + at_rows;
-      const scalar_t* grad_out = dir.grad_output + at_rows;
-      const int64_t going_on = now.continuing;  // rows [0, going_on) continue; the rest end here
-      const int64_t ending = now.rows - going_on;
-      gather_sum_rows(g + going_on * ldg, ldg, order.from(grad_out, ld, going_on), ld,
-                      order.from(dir.grad_h_n, H, going_on), H, ending, H, order.index_from(going_on));
-      if (going_on > 0) {  // starting from grad_output's rows, read where they are
-        step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ldg, packed, g, ldg, act_grad, y, ld,
-             single_thread, {nullptr, nullptr, order.index}, grad_out, ld);
-      }
-      if (ending > 0) {  // no gradient flows back into these rows: the epilogue only
-        step<scalar_t>(ending, nullptr, 0, packed, g + going_on * ldg, ldg, act_grad, order.from(y, ld, going_on), ld,
-                       single_thread, {nullptr, nullptr, order.index_from(going_on)});
-      }
-      // Rows that started from hx send their gradient there.
-      const int64_t carried = now.carried;
-      if (dir.grad_hx != nullptr && carried < now.rows) {
-        step(now.rows - carried, g + carried * ldg, ldg, packed, order.from(dir.grad_hx, H, carried), H,
-             Epilogue::kNone, nullptr, 0, single_thread, {nullptr, order.index_from(carried), nullptr});
-      }
-      if (dir.h_prev != nullptr) {  // gathered layout, as grad_z
-        scalar_t* dst = dir.h_prev + steps.gathered_offset(now.t) * ld;
-        if (carried > 0) {
-          gather_rows_into(dst, ldg, dir.output + steps.offset(now.previous) * ld, ld, carried, H, order.index);
-        }
-        gather_rows_into(dst + carried * ldg, ldg, order.from(dir.hx, H, carried), H, now.rows - carried, H,
-                         order.index_from(carried));
+  void backward_walks(const StepSchedule& steps, const std::vector<BackwardWalk<scalar_t>>& dirs) {
+    std::vector<PackedWeight<scalar_t>> w_hh;  // [H, H] packed, of each direction
+    for (const auto& dir : dirs) w_hh.emplace_back(dir.w_hh);
+    walk_plan<scalar_t>(steps, dirs).run(1, [&](const GroupWalk& group, int64_t i, Columns cols) {
+      const StepSchedule& rows = *group.steps;
+      if (i < rows.steps()) {
+        backward_step(rows, dirs[group.direction], w_hh[group.direction], i, cols);
+      } else {
+        grad_hx_columns(rows, dirs[group.direction], w_hh[group.direction], cols);
       }
     });
   }
 
  private:
-  // A direction walked by one thread splits its rows in two halves, walked side by side
-  // (sequences are independent): no synchronisation per step, where splitting each step's tiles
-  // pays for one at every step, and cannot split small steps at all. It takes halves of
-  // kMinHalfRows rows or more, and a walk whose products (rows x H x H multiply-adds over all
-  // steps) pay for waking the second thread; smaller walks are faster on one thread.
-  static constexpr int64_t kMinHalfRows = 4;
-  static constexpr int64_t kMinHalvesMacs = int64_t{1} << 19;
-  static bool walk_in_halves(const StepSchedule& steps, int64_t H, bool single_thread) {
-    return !single_thread && at::get_num_threads() > 1 && steps.started() >= 2 * kMinHalfRows &&
-        steps.gathered_rows() * H * H >= kMinHalvesMacs;
+  template <typename scalar_t, typename Walk>
+  static WalkPlan walk_plan(const StepSchedule& steps, const std::vector<Walk>& dirs) {
+    const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+    return WalkPlan(steps, static_cast<int64_t>(dirs.size()), dirs.front().H, sizeof(scalar_t), packed_panel_width(dtype));
   }
 
-  template <typename F>
-  static void in_halves(const StepSchedule& steps, F&& walk) {
-    const StepSchedule halves[2] = {steps.half(0), steps.half(1)};
-    at::parallel_for(0, 2, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t which = begin; which < end; ++which) walk(halves[which]);
+  // Walk step i of one direction, on its columns cols (w_hh_t packed: the state's columns).
+  template <typename scalar_t>
+  static void forward_step(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir,
+                           const PackedWeight<scalar_t>& w_hh_t, int64_t i, Columns cols) {
+    const Step now = steps.walk_step(i, dir.reverse, Pass::kForward);
+    const auto w = w_hh_t.columns(cols.begin, cols.end);
+    const Epilogue act = activation(dir.relu);
+    const int64_t H = dir.H;
+    const int64_t ld = dir.ld;
+    const StepRows order{steps.order()};
+    scalar_t* h = dir.output + now.offset * ld + cols.begin;
+    const int64_t carried = now.carried;
+    if (carried > 0) {  // A: the whole previous state, every column
+      step(carried, dir.output + steps.offset(now.previous) * ld, ld, w, h, ld, act, nullptr, 0,
+           {order.index, order.index, nullptr});
+    }
+    if (carried < now.rows) {
+      const int64_t* index = order.index_from(carried);
+      step(now.rows - carried, order.from(dir.hx, H, carried), H, w, order.from(h, ld, carried), ld, act, nullptr, 0,
+           {index, index, nullptr});
+    }
+    const int64_t ending = now.continuing;  // the first row ending here
+    copy_rows(order.from(dir.h_n + cols.begin, H, ending), H, order.from(h, ld, ending), ld, now.rows - ending,
+              cols.count(), order.index_from(ending));
+  }
+
+  // Walk step i of one direction's gradient, on its columns cols.
+  template <typename scalar_t>
+  static void backward_step(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir,
+                            const PackedWeight<scalar_t>& w_hh, int64_t i, Columns cols) {
+    const Step now = steps.walk_step(i, dir.reverse, Pass::kBackward);
+    const auto w = w_hh.columns(cols.begin, cols.end);
+    const Epilogue act_grad = activation_grad(dir.relu);
+    const int64_t H = dir.H;
+    const int64_t ld = dir.ld;
+    const int64_t c0 = cols.begin;
+    const StepRows order{steps.order()};
+    const int64_t ldg = ld * steps.gathered_stride();  // rows apart in the gathered layout: grad_z, h_prev
+    const int64_t at_rows = now.offset * ld + c0;     // padded layout: grad_output, output
+    scalar_t* g = dir.grad_z + steps.gathered_offset(now.t) * ld + c0;  // gathered layout
+    const scalar_t* y = dir.output + at_rows;
+    const scalar_t* grad_out = dir.grad_output + at_rows;
+    const int64_t going_on = now.continuing;  // rows [0, going_on) continue; the rest end here
+    const int64_t ending = now.rows - going_on;
+    gather_sum_rows(g + going_on * ldg, ldg, order.from(grad_out, ld, going_on), ld,
+                    order.from(dir.grad_h_n + c0, H, going_on), H, ending, cols.count(), order.index_from(going_on));
+    if (going_on > 0) {  // A: the next step's whole grad_z; starting from grad_output's rows, read where they are
+      step(going_on, dir.grad_z + steps.gathered_offset(now.next) * ld, ldg, w, g, ldg, act_grad, y, ld,
+           {nullptr, nullptr, order.index}, grad_out, ld);
+    }
+    if (ending > 0) {  // no gradient flows back into these rows: the epilogue only
+      step<scalar_t>(ending, nullptr, 0, w, g + going_on * ldg, ldg, act_grad, order.from(y, ld, going_on), ld,
+                     {nullptr, nullptr, order.index_from(going_on)});
+    }
+    if (dir.h_prev != nullptr) {  // gathered layout, as grad_z
+      scalar_t* dst = dir.h_prev + steps.gathered_offset(now.t) * ld + c0;
+      const int64_t carried = now.carried;
+      if (carried > 0) {
+        gather_rows_into(dst, ldg, dir.output + steps.offset(now.previous) * ld + c0, ld, carried, cols.count(),
+                         order.index);
+      }
+      gather_rows_into(dst + carried * ldg, ldg, order.from(dir.hx + c0, H, carried), H, now.rows - carried,
+                       cols.count(), order.index_from(carried));
+    }
+  }
+
+  // The gradient walk's last phase: rows that started from hx send their gradient there, grad_z of
+  // their first step @ w_hh, which needs every column of that grad_z (so not before the walk is done).
+  template <typename scalar_t>
+  static void grad_hx_columns(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir,
+                              const PackedWeight<scalar_t>& w_hh, Columns cols) {
+    if (dir.grad_hx == nullptr) return;
+    const auto w = w_hh.columns(cols.begin, cols.end);
+    const StepRows order{steps.order()};
+    const int64_t ldg = dir.ld * steps.gathered_stride();
+    steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
+      const int64_t carried = now.carried;
+      if (carried < now.rows) {
+        const scalar_t* g = dir.grad_z + steps.gathered_offset(now.t) * dir.ld;
+        step(now.rows - carried, g + carried * ldg, ldg, w, order.from(dir.grad_hx + cols.begin, dir.H, carried), dir.H,
+             Epilogue::kNone, nullptr, 0, {nullptr, order.index_from(carried), nullptr});
+      }
     });
   }
 };
+
+// cpu_walk_split: the split of each direction's walk (walk_threads.h), flattened as [row_groups,
+// col_slices] per direction, for a walk of `rows` rows in its first step and walk_rows in all, of
+// this dtype (as it runs: float16, and bfloat16 without the bf16 kernels, run as float).
+std::vector<int64_t> walk_split(
+    int64_t rows, int64_t walk_rows, int64_t hidden, at::ScalarType dtype, int64_t directions, int64_t threads) {
+  TORCH_CHECK(rows >= 0 && walk_rows >= rows && hidden > 0 && (directions == 1 || directions == 2) && threads > 0,
+              "rnn_ext: cpu_walk_split needs 0 <= rows <= walk_rows, hidden > 0, 1 or 2 directions and threads > 0");
+  const at::ScalarType runs_as = CpuBackend::native(dtype) ? dtype : at::kFloat;
+  const WalkShape shape{rows, walk_rows, hidden, static_cast<int64_t>(c10::elementSize(runs_as)),
+                        packed_panel_width(runs_as)};
+  std::vector<int64_t> flat;
+  for (const WalkSplit& split : choose_walk_splits(shape, directions, threads)) {
+    flat.push_back(split.row_groups);
+    flat.push_back(split.col_slices);
+  }
+  return flat;
+}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
   m.impl("rnn_layer", &rnn_layer_entry<&layer_forward<CpuBackend>>);
   m.impl("rnn_layer_backward", &layer_backward<CpuBackend>);
+}
+
+// How the walks use the threads, for tests and benchmarks (rnn_ext/threads.py): ops of the CPU
+// backend's own, with no tensor to dispatch on.
+TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
+  m.def("cpu_walk_split(int rows, int walk_rows, int hidden, ScalarType dtype, int directions, int threads) -> int[]",
+        &walk_split);
+  m.def("cpu_force_walk_split(int row_groups, int col_slices) -> ()", &set_walk_split_override);
 }
 
 }  // namespace rnn_ext::cpu

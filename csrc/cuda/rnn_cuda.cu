@@ -205,10 +205,14 @@ class CudaBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rnn_ext_cuda", [&] { f(DType<scalar_t>{}); });
   }
 
-  // The directions run one after the other on the current stream.
-  template <typename F>
-  void for_each_direction(const LayerSizes& s, F&& body) {
-    for (int64_t d = 0; d < s.D; ++d) body(d, /*single_thread=*/false);
+  // The directions run one after the other on the current stream (they share z_).
+  template <typename scalar_t>
+  void forward_walks(const StepSchedule& steps, const std::vector<ForwardWalk<scalar_t>>& dirs) {
+    for (const auto& dir : dirs) forward_walk(steps, dir);
+  }
+  template <typename scalar_t>
+  void backward_walks(const StepSchedule& steps, const std::vector<BackwardWalk<scalar_t>>& dirs) {
+    for (const auto& dir : dirs) backward_walk(steps, dir);
   }
 
   // One GEMM over all rows, padding rows included: on the GPU one large GEMM costs less than one
@@ -250,7 +254,7 @@ class CudaBackend {
   // Per step: z = h_prev @ w_hh^T (h_prev: the walk's previous state, or hx), then the fused
   // kernel output[t] = act(output[t] + z), which also stores h_n for the rows ending here.
   template <typename scalar_t>
-  void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir, bool /*single_thread*/) {
+  void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
@@ -274,7 +278,7 @@ class CudaBackend {
   // Per step: z = grad_z[next] @ w_hh for the rows that go on, then the fused kernel forms
   // grad_z[t] and gathers h_prev; rows that started from hx send grad_z[t] @ w_hh to grad_hx.
   template <typename scalar_t>
-  void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir, bool /*single_thread*/) {
+  void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir) {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t H = dir.H;
     const int64_t ld = dir.ld;
