@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils import cpp_extension
 
 import rnn_ext
 from rnn_ext.threads import force_walk_split, walk_split
@@ -264,12 +265,11 @@ std::vector<at::Tensor> layers_in_parallel_for(const std::vector<at::Tensor>& in
 """
 
 
+@pytest.mark.skipif(not cpp_extension.is_ninja_available(), reason="load_inline needs ninja")
 def test_called_inside_an_outer_parallel_for(tmp_path):
     """A walk started inside another parallel region (at::parallel_for then runs inline) runs on its
     one thread, forced split or not, and gives the same bits as on its own."""
-    from torch.utils.cpp_extension import load_inline
-
-    nested = load_inline("rnn_ext_nested_check", cpp_sources=NESTED_SOURCE, functions=["layers_in_parallel_for"],
+    nested = cpp_extension.load_inline("rnn_ext_nested_check", cpp_sources=NESTED_SOURCE, functions=["layers_in_parallel_for"],
                          build_directory=str(tmp_path), extra_cflags=["-O1", "-fopenmp"], extra_ldflags=["-fopenmp"])
     torch.manual_seed(9)
     inputs = [torch.randn(20 * 8, 6) for _ in range(4)]  # [N, I]: 20 steps of 8 rows
