@@ -1,7 +1,6 @@
 // Op schemas (declared once, here), argument checks and the helpers every backend shares.
 // Backends only add implementations: csrc/cpu/rnn_cpu.cpp and csrc/cuda/rnn_cuda.cu.
 #include "rnn.h"
-#include "cpu/kernels.h"
 
 #include <torch/library.h>
 
@@ -35,8 +34,13 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def(
       "rnn_cell_backward(Tensor grad_h, Tensor input, Tensor hx, Tensor[] weights, bool relu, Tensor output, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor[])");
+  // Facts of the CPU backend, which implements them (csrc/cpu/rnn_cpu.cpp); they take no tensor.
   // The instruction set of the CPU kernels (RNN_EXT_CPU_ISA can lower it), for tests and reports.
-  m.def("cpu_isa() -> str", &rnn_ext::cpu::cpu_isa);
+  m.def("cpu_isa() -> str");
+  // How the CPU walks split over the threads (rnn_ext/threads.py): [row_groups, col_slices] per
+  // direction, and a split forced on every walk (0, 0: none), for tests and benchmarks.
+  m.def("cpu_walk_split(int rows, int walk_rows, int hidden, ScalarType dtype, int directions, int threads) -> int[]");
+  m.def("cpu_force_walk_split(int row_groups, int col_slices) -> ()");
 }
 
 namespace rnn_ext {

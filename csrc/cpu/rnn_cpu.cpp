@@ -420,12 +420,12 @@ TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) {
   m.impl("rnn_layer_backward", &layer_backward<CpuBackend>);
 }
 
-// How the walks use the threads, for tests and benchmarks (rnn_ext/threads.py): ops of the CPU
-// backend's own, with no tensor to dispatch on.
-TORCH_LIBRARY_FRAGMENT(rnn_ext, m) {
-  m.def("cpu_walk_split(int rows, int walk_rows, int hidden, ScalarType dtype, int directions, int threads) -> int[]",
-        &walk_split);
-  m.def("cpu_force_walk_split(int row_groups, int col_slices) -> ()", &set_walk_split_override);
+// The CPU backend's facts (schemas in csrc/ops.cpp). They take no tensor to dispatch on, so they
+// are registered for every dispatch key.
+TORCH_LIBRARY_IMPL(rnn_ext, CompositeImplicitAutograd, m) {
+  m.impl("cpu_isa", &cpu_isa);
+  m.impl("cpu_walk_split", &walk_split);
+  m.impl("cpu_force_walk_split", &set_walk_split_override);
 }
 
 }  // namespace rnn_ext::cpu

@@ -255,13 +255,9 @@ class CudaBackend {
   // kernel output[t] = act(output[t] + z), which also stores h_n for the rows ending here.
   template <typename scalar_t>
   void forward_walk(const StepSchedule& steps, const ForwardWalk<scalar_t>& dir) {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t H = dir.H;
-    const int64_t ld = dir.ld;
-    const at::Tensor w_hh_tensor = dir.w_hh.contiguous();
-    const scalar_t* w_hh = w_hh_tensor.data_ptr<scalar_t>();
-    acc_t* z = z_.data_ptr<acc_t>();
-    steps.walk(dir.reverse, Pass::kForward, [&](const Step& now) {
+    walk(steps, dir, Pass::kForward, [&](const Step& now, const scalar_t* w_hh, at::opmath_type<scalar_t>* z) {
+      const int64_t H = dir.H;
+      const int64_t ld = dir.ld;
       if (now.carried > 0) {
         gemm_rows(handle_, true, now.carried, H, H, dir.output + steps.offset(now.previous) * ld, ld, w_hh, H, z, H);
       }
@@ -279,13 +275,9 @@ class CudaBackend {
   // grad_z[t] and gathers h_prev; rows that started from hx send grad_z[t] @ w_hh to grad_hx.
   template <typename scalar_t>
   void backward_walk(const StepSchedule& steps, const BackwardWalk<scalar_t>& dir) {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t H = dir.H;
-    const int64_t ld = dir.ld;
-    const at::Tensor w_hh_tensor = dir.w_hh.contiguous();
-    const scalar_t* w_hh = w_hh_tensor.data_ptr<scalar_t>();
-    acc_t* z = z_.data_ptr<acc_t>();
-    steps.walk(dir.reverse, Pass::kBackward, [&](const Step& now) {
+    walk(steps, dir, Pass::kBackward, [&](const Step& now, const scalar_t* w_hh, at::opmath_type<scalar_t>* z) {
+      const int64_t H = dir.H;
+      const int64_t ld = dir.ld;
       const int64_t at_rows = now.offset * ld;                              // grad_output, output
       scalar_t* grad_z = dir.grad_z + steps.gathered_offset(now.t) * ld;  // grad_z, h_prev
       if (now.continuing > 0) {
@@ -307,6 +299,16 @@ class CudaBackend {
                   dir.grad_hx + now.carried * H, H);
       }
     });
+  }
+
+  // The setup both walks share: one direction's W_hh made contiguous (kept alive for the walk) and
+  // the step buffer z_, then step(now, w_hh, z) for each step in the pass's order.
+  template <typename scalar_t, template <typename> class Walk, typename F>
+  void walk(const StepSchedule& steps, const Walk<scalar_t>& dir, Pass pass, F&& step) {
+    const at::Tensor w_hh = dir.w_hh.contiguous();
+    const scalar_t* w_hh_data = w_hh.data_ptr<scalar_t>();
+    at::opmath_type<scalar_t>* z = z_.data_ptr<at::opmath_type<scalar_t>>();
+    steps.walk(dir.reverse, pass, [&](const Step& now) { step(now, w_hh_data, z); });
   }
 
  private:
