@@ -14,7 +14,7 @@ import copy
 import torch
 
 import rnn_ext
-from rnn_ext.benchmark import parse_shapes
+from rnn_ext.bench.shapes import parse_shapes
 
 ISSUE_SHAPES = ["1,100,32,32", "8,100,64,64", "32,200,128,128", "64,100,256,256,2", "128,50,1024,1024"]
 MODES = {  # name: (module dtype, autocast dtype or None)

@@ -17,7 +17,7 @@ import torch
 from torch.utils import cpp_extension
 
 import rnn_ext
-from rnn_ext import benchmark
+from rnn_ext.bench import timing
 from reference import subprocess_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +32,10 @@ def pyproject():
 def unbuilt_source_tree(tmp_path):
     """A copy of the package's Python files without the compiled extension, as in a fresh clone."""
     source = tmp_path / "checkout"
-    (source / "rnn_ext").mkdir(parents=True)
-    for path in PACKAGE_DIR.glob("*.py"):
-        shutil.copy(path, source / "rnn_ext" / path.name)
+    for path in PACKAGE_DIR.rglob("*.py"):
+        copy = source / "rnn_ext" / path.relative_to(PACKAGE_DIR)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, copy)
     return source
 
 
@@ -98,7 +99,7 @@ def test_console_command_is_the_benchmark(monkeypatch, capsys):
     target = pyproject()["project"]["scripts"]["rnn-ext-benchmark"]
     module_name, function_name = target.split(":")
     command = getattr(importlib.import_module(module_name), function_name)
-    monkeypatch.setattr(benchmark, "PEAK_SIZE", 64)
+    monkeypatch.setattr(timing, "PEAK_SIZE", 64)
     monkeypatch.setattr(sys, "argv", ["rnn-ext-benchmark", "--shapes", "2,3,4,5", "--rounds", "1", "--min-time", "0"])
     assert command() is None  # a console script's return value becomes its exit status
     assert "2,3,4,5,1,no" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""``rnn-ext-benchmark --threads 1,2,4,8,16``: how rnn_ext.RNN and torch.nn.RNN scale with torch's
-threads (``torch.set_num_threads``), shape by shape.
+"""The threads mode, ``rnn-ext-benchmark --threads 1,2,4,8,16``: how rnn_ext.RNN and torch.nn.RNN
+scale with torch's threads (``torch.set_num_threads``), shape by shape.
 
 For each shape and each thread count P (one thread is always measured: it is the base of the
 efficiencies) both models are timed as the layer benchmark times them (same weights, same inputs,
@@ -8,24 +8,23 @@ interleaved rounds, medians; fwd and fwd+bwd). The table gives, per P, each one'
 1 is perfect scaling. It also gives the split rnn_ext's walks take at P (``rnn_ext.threads``): row
 groups x column slices per direction. Thread counts above the machine's cores are oversubscribed.
 """
-import datetime
 import gc
-import os
 from dataclasses import dataclass
 
 import torch
 
-import rnn_ext
 from rnn_ext.threads import walk_split
 
-from . import benchmark as layer_benchmark
+from . import inputs, layer, report, timing
+from .inputs import MODES
+from .report import MODE_TITLES, sig
 
 
 @dataclass
 class ThreadRow:
     """One shape at one thread count: medians (seconds per call) per mode, and the 1-thread ones."""
 
-    shape: "layer_benchmark.Shape"
+    shape: object  # shapes.Shape
     threads: int
     rounds: int
     split: str
@@ -57,43 +56,35 @@ def split_label(shape, dtype, threads):
 
 
 def time_at(threads, shape, args, device, dtype, timer, on_round):
-    """(medians by (kind, mode), rounds) of both models on one shape with this many threads."""
+    """``({kind: {mode: median seconds}}, rounds)`` of both models on one shape with this many threads."""
     torch.set_num_threads(threads)
-    reference, ours = layer_benchmark.build_models(shape, dtype, device, args.seed, args.batch_first)
-    batch, _ = layer_benchmark.make_batches(shape, dtype, device, args.seed, None, args.batch_first)
-    fns = {}
-    for mode, make in (("fwd", layer_benchmark.forward_fn), ("fwd_bwd", layer_benchmark.forward_backward_fn)):
-        fns["reference", mode] = make(reference, batch)
-        fns["ours", mode] = make(ours, batch)
-    return layer_benchmark.time_interleaved(fns, timer, args.rounds, args.min_time, args.shape_budget, on_round)
+    reference, ours = inputs.build_models(shape, dtype, device, args.seed, args.batch_first)
+    batch, _ = inputs.make_batches(shape, dtype, device, args.seed, None, args.batch_first)
+    return layer.time_runs({"reference": (reference, batch), "ours": (ours, batch)}, args, timer, on_round)
 
 
 def benchmark_threads(shape, counts, args, device, dtype, timer, on_round):
     """The rows of one shape, one per thread count."""
-    modes = layer_benchmark.MODES
-    at_one, _ = time_at(1, shape, args, device, dtype, timer, on_round)
+    at_one = time_at(1, shape, args, device, dtype, timer, on_round)
     rows = []
     for threads in counts:
-        medians, rounds = (at_one, args.rounds) if threads == 1 else time_at(
-            threads, shape, args, device, dtype, timer, on_round)
-        pick = lambda found, kind: {m: found[kind, m] for m in modes}  # noqa: E731
-        rows.append(ThreadRow(shape, threads, rounds, split_label(shape, dtype, threads), pick(medians, "reference"),
-                              pick(medians, "ours"), pick(at_one, "reference"), pick(at_one, "ours")))
+        times, rounds = at_one if threads == 1 else time_at(threads, shape, args, device, dtype, timer, on_round)
+        rows.append(ThreadRow(shape, threads, rounds, split_label(shape, dtype, threads), times["reference"],
+                              times["ours"], at_one[0]["reference"], at_one[0]["ours"]))
     return rows
 
 
 def table(rows):
     """(headers, body) of the full table."""
-    sig = layer_benchmark._sig
     headers = ["shape B,L,I,H,layers,bidir", "threads", "rnn_ext split"]
-    for mode in layer_benchmark.MODES:
-        title = layer_benchmark.MODE_TITLES[mode]
+    for mode in MODES:
+        title = MODE_TITLES[mode]
         headers += [f"{title} nn.RNN ms", f"{title} rnn_ext ms", f"{title} speedup", f"{title} nn.RNN eff",
                     f"{title} rnn_ext eff"]
     body = []
     for row in rows:
         line = [row.shape.label, str(row.threads), row.split]
-        for mode in layer_benchmark.MODES:
+        for mode in MODES:
             line += [sig(1e3 * row.reference[mode]), sig(1e3 * row.ours[mode]), f"{sig(row.speedup(mode))}x",
                      f"{row.efficiency('reference', mode):.2f}", f"{row.efficiency('ours', mode):.2f}"]
         body.append(line)
@@ -102,32 +93,31 @@ def table(rows):
 
 def format_terminal_table(rows):
     """Speedups and efficiencies (times are in the markdown), within the terminal's width."""
-    sig = layer_benchmark._sig
     headers, groups = ["B,L,I,H,layers,bidir", "P", "split"], [("", 3)]
     body = [[row.shape.label, str(row.threads), row.split] for row in rows]
-    for mode in layer_benchmark.MODES:
+    for mode in MODES:
         headers += ["speedup", "eff nn", "eff ours"]
-        groups.append((layer_benchmark.MODE_TITLES[mode], 3))
+        groups.append((MODE_TITLES[mode], 3))
         for line, row in zip(body, rows):
             line += [f"{sig(row.speedup(mode))}x", f"{row.efficiency('reference', mode):.2f}",
                      f"{row.efficiency('ours', mode):.2f}"]
-    return layer_benchmark.render_table(headers, body, groups)
+    return report.render_table(headers, body, groups)
 
 
 def write_markdown(rows, path, args, device):
     lines = [
         "# rnn_ext.RNN vs torch.nn.RNN across thread counts",
         "",
-        f"- machine: {layer_benchmark.cpu_model()}, {os.cpu_count()} cores",
+        f"- machine: {report.machine()}",
         f"- torch: {torch.__version__}",
-        f"- rnn_ext: {rnn_ext.__version__} (CPU kernels: {rnn_ext.cpu_isa()}, L2 as the OS reports it)",
+        f"- rnn_ext: {report.rnn_ext_build(', L2 as the OS reports it')}",
         f"- device: {device}; dtype: {args.dtype}",
         f"- rounds: up to {args.rounds} per shape and thread count, medians; samples of at least "
         f"{args.min_time * 1e3:g} ms; shape budget {args.shape_budget:g} s",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- date: {report.now()}",
         f"- command: {args.command}",
         "",
-        layer_benchmark.render_markdown_table(*table(rows), text_columns=3),
+        report.render_markdown_table(*table(rows), text_columns=3),
         "",
         "Times are medians in ms per call (fwd under torch.no_grad(); fwd+bwd adds torch.autograd.grad with "
         "respect to the input and every parameter). speedup = nn.RNN time / rnn_ext time. eff = parallel "
@@ -135,19 +125,18 @@ def write_markdown(rows, path, args, device):
         "slices of the first layer's walk, per direction (rnn_ext.threads.walk_split). Thread counts above "
         "the core count are oversubscribed.",
     ]
-    with open(path, "w") as out:
-        out.write("\n".join(lines) + "\n")
+    report.write_lines(path, lines)
 
 
-def run_thread_benchmark(args, shapes, counts, device):
+def run(args, shapes, device, counts):
     """The rows of every shape and thread count; prints the table, writes --markdown when given."""
-    dtype = layer_benchmark.DTYPES[args.dtype]
-    timer = layer_benchmark.make_timer(device)
+    dtype = inputs.DTYPES[args.dtype]
+    timer = timing.make_timer(device)
     threads_before = torch.get_num_threads()
     timed_counts = len([c for c in counts if c != 1]) + 1
     rows = []
     try:
-        with layer_benchmark.progress_bar(len(shapes) * timed_counts * args.rounds) as bar:
+        with report.progress_bar(len(shapes) * timed_counts * args.rounds) as bar:
             for shape in shapes:
                 bar.set_postfix_str(shape.label)
                 rows += benchmark_threads(shape, counts, args, device, dtype, timer, lambda: bar.update(1))

@@ -1,5 +1,5 @@
-"""``rnn-ext-benchmark --cell``: times Python loops over ``rnn_ext.RNNCell`` against the
-same loops over ``torch.nn.RNNCell`` (same weights, same inputs), in one process.
+"""The cell mode, ``rnn-ext-benchmark --cell``: times Python loops over ``rnn_ext.RNNCell``
+against the same loops over ``torch.nn.RNNCell`` (same weights, same inputs), in one process.
 
 For each shape ``B,I,H[,T]`` both cells run a loop of T steps, ``h = cell(x[t], h)`` from a given
 h0 (``x[t]`` indexed inside the loop, as user code does), in two modes:
@@ -8,13 +8,10 @@ h0 (``x[t]`` indexed inside the loop, as user code does), in two modes:
 * fwd+bwd: the loop with autograd on, then ``torch.autograd.grad`` of all T states (against fixed
   random gradients) with respect to the inputs and every parameter (BPTT).
 
-Timing is the layer benchmark's (``rnn_ext.benchmark.time_interleaved``): interleaved rounds,
-medians. The table gives the time per step (loop time / T) and speedup = nn.RNNCell's time /
-rnn_ext's.
+Timing is the layer mode's (``timing.time_interleaved``): interleaved rounds, medians. The table
+gives the time per step (loop time / T) and speedup = nn.RNNCell's time / rnn_ext's.
 """
-import datetime
 import gc
-import os
 import sys
 from dataclasses import dataclass
 
@@ -22,7 +19,9 @@ import torch
 
 import rnn_ext
 
-from . import benchmark as layer_benchmark
+from . import report, timing
+from .inputs import DTYPES, MODES, TOLERANCE
+from .report import MODE_TITLES, sig
 
 DEFAULT_STEPS = 100
 
@@ -131,59 +130,51 @@ def benchmark_cell_shape(shape, args, device, dtype, timer, on_round):
     grads = list(randn(shape.steps, shape.batch, shape.hidden_size).unbind(0))
     with torch.no_grad():
         difference = (reference(xs[0], h0) - ours(xs[0], h0)).abs().max().item()
-    if not difference <= layer_benchmark.TOLERANCE[dtype]:
+    if not difference <= TOLERANCE[dtype]:
         print(f"warning: {shape.label}: rnn_ext and nn.RNNCell differ by {difference:.3g}", file=sys.stderr)
     fns = {}
     for kind, cell in (("reference", reference), ("ours", ours)):
         for mode, fn in make_fns(cell, xs, h0, grads).items():
             fns[kind, mode] = fn
-    medians, rounds = layer_benchmark.time_interleaved(
-        fns, timer, args.rounds, args.min_time, args.shape_budget, on_round)
-    modes = layer_benchmark.MODES
-    return CellRow(shape, rounds, {m: medians["reference", m] for m in modes}, {m: medians["ours", m] for m in modes})
+    medians, rounds = timing.time_interleaved(fns, timer, args.rounds, args.min_time, args.shape_budget, on_round)
+    return CellRow(shape, rounds, {m: medians["reference", m] for m in MODES}, {m: medians["ours", m] for m in MODES})
 
 
 def table_columns():
     columns = [("shape B,I,H,T", lambda row: row.shape.label), ("rounds", lambda row: str(row.rounds))]
-    for mode in layer_benchmark.MODES:
-        title = layer_benchmark.MODE_TITLES[mode]
+    for mode in MODES:
+        title = MODE_TITLES[mode]
         columns += [
-            (f"{title} nn us/step", lambda row, mode=mode: layer_benchmark._sig(row.per_step_us("reference", mode))),
-            (f"{title} rnn_ext us/step", lambda row, mode=mode: layer_benchmark._sig(row.per_step_us("ours", mode))),
-            (f"{title} speedup", lambda row, mode=mode: f"{layer_benchmark._sig(row.speedup(mode))}x"),
+            (f"{title} nn us/step", lambda row, mode=mode: sig(row.per_step_us("reference", mode))),
+            (f"{title} rnn_ext us/step", lambda row, mode=mode: sig(row.per_step_us("ours", mode))),
+            (f"{title} speedup", lambda row, mode=mode: f"{sig(row.speedup(mode))}x"),
         ]
     return columns
 
 
-def cells(rows):
-    columns = table_columns()
-    return [header for header, _ in columns], [[cell(row) for _, cell in columns] for row in rows]
-
-
 def format_terminal_table(rows):
-    """The printed table (within the layer benchmark's TERMINAL_WIDTH): times per step and speedups."""
+    """The printed table (within report.TERMINAL_WIDTH): times per step and speedups."""
     headers, groups, body = ["B,I,H,T"], [("", 1)], [[row.shape.label] for row in rows]
-    for mode in layer_benchmark.MODES:
+    for mode in MODES:
         headers += ["nn.RNNCell", "rnn_ext", "speedup"]
-        groups.append((f"{layer_benchmark.MODE_TITLES[mode]}, us/step", 3))
+        groups.append((f"{MODE_TITLES[mode]}, us/step", 3))
         for line, row in zip(body, rows):
-            line += [layer_benchmark._sig(row.per_step_us("reference", mode)),
-                     layer_benchmark._sig(row.per_step_us("ours", mode)), f"{layer_benchmark._sig(row.speedup(mode))}x"]
-    return layer_benchmark.render_table(headers, body, groups)
+            line += [sig(row.per_step_us("reference", mode)), sig(row.per_step_us("ours", mode)),
+                     f"{sig(row.speedup(mode))}x"]
+    return report.render_table(headers, body, groups)
 
 
 def write_markdown(rows, path, args, device):
-    table = layer_benchmark.render_markdown_table(*cells(rows), text_columns=2)
-    machine = f"{layer_benchmark.cpu_model()}, {os.cpu_count()} cores"
+    table = report.render_markdown_table(*report.cells(table_columns(), rows), text_columns=2)
     lines = [
         "# rnn_ext.RNNCell vs torch.nn.RNNCell: Python loops of T steps",
         "",
-        f"- machine: {machine}",
+        f"- machine: {report.machine()}",
         f"- torch: {torch.__version__}",
-        f"- rnn_ext: {rnn_ext.__version__} (CPU kernels: {rnn_ext.cpu_isa()})",
+        f"- rnn_ext: {report.rnn_ext_build()}",
         f"- device: {device}; dtype: {args.dtype}; threads: {torch.get_num_threads()}",
         f"- rounds: up to {args.rounds} per shape, medians; samples of at least {args.min_time * 1e3:g} ms",
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- date: {report.now()}",
         f"- command: {args.command}",
         "",
         table,
@@ -192,16 +183,15 @@ def write_markdown(rows, path, args, device):
         "under torch.no_grad(); fwd+bwd: the same loop with autograd, then torch.autograd.grad of all T states "
         "with respect to the inputs and every parameter (BPTT). speedup = nn.RNNCell time / rnn_ext time.",
     ]
-    with open(path, "w") as out:
-        out.write("\n".join(lines) + "\n")
+    report.write_lines(path, lines)
 
 
-def run_cell_benchmark(args, shapes, device):
+def run(args, shapes, device):
     """The rows of every shape; prints the table, and writes --markdown when given."""
-    dtype = layer_benchmark.DTYPES[args.dtype]
-    timer = layer_benchmark.make_timer(device)
+    dtype = DTYPES[args.dtype]
+    timer = timing.make_timer(device)
     rows = []
-    progress = layer_benchmark.progress_bar(len(shapes) * args.rounds)
+    progress = report.progress_bar(len(shapes) * args.rounds)
     with progress as bar:
         for shape in shapes:
             bar.set_postfix_str(shape.label)
