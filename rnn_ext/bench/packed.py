@@ -16,7 +16,6 @@ from . import layer
 from .inputs import MODES
 from .report import MODE_TITLES
 
-VARIABLES = ("packed", "lengths")
 RATIO_TITLES = {"packed": "packed/padded", "lengths": "lengths/dense"}
 TERMINAL_NOTES = {
     "packed": "vs dense = rnn_ext on the PackedSequence / rnn_ext on the same batch padded to L steps",
