@@ -24,7 +24,9 @@ from reference import make_pair, outputs_and_grads, pipeline, run_and_grads
 # 1024 over 300 rows, whose tiles walk several bands of row blocks (kernels_impl.h's TileOrder), the
 # threads' shares starting mid-band. "packs": weights large enough to pack on several threads, a
 # range of column panels each, with a ragged last panel and odd depths (w_ih^T of depth 701 for the
-# projection; w_ih of depth 401 for grad_input).
+# projection; w_ih of depth 401 for grad_input). "weight_chunks": 1536 real rows (1920 dense) of
+# H=24, whose weight gradients split the depth into 6 or 7 chunks (rnn_cpu.cpp's blocked_products),
+# a dense batch's last chunk spanning the rows that start from hx.
 WALKS = {
     "rows": ([20, 3, 17, 20, 1, 9, 14, 20, 6], 16, 96, False),
     "columns": ([7, 2, 7, 5], 16, 192, False),
@@ -33,6 +35,7 @@ WALKS = {
     "bidirectional": ([12, 5, 12, 9, 1, 12, 8, 3], 24, 160, True),
     "bands": ([10, 9, 10] * 10, 1024, 70, False),
     "packs": ([4, 2, 3], 701, 401, False),
+    "weight_chunks": ([40, 33, 40, 12, 40, 27] * 8, 16, 24, False),
 }
 KINDS = ["dense", "packed", "lengths"]
 THREADS = [2, 3, 5, 8, 16]  # against one thread
@@ -203,6 +206,46 @@ def test_walk_runs_on_two_threads(split):
     assert second > 0.5 * first, (first, second)
     first, second = busiest_two(1)
     assert second < 0.1 * first, (first, second)
+
+
+def weight_gradients_busiest_two(threads):
+    """CPU seconds of the two busiest threads while the weights' gradients of a layer are taken over
+    and over for a second. Most of that work is the weight gradients' products: W_ih [32, 256] and
+    W_hh [32, 32] make one block each, uneven ones, so the depth (25600 rows) splits into chunks
+    too (rnn_cpu.cpp's blocked_products)."""
+    torch.manual_seed(0)
+    model = rnn_ext.RNN(256, 32)
+    x = torch.randn(400, 64, 256)
+    weights = [model.weight_ih_l0, model.weight_hh_l0]
+    output, _ = model(x)
+    grad = lambda: torch.autograd.grad(output, weights, torch.ones_like(output), retain_graph=True)  # noqa: E731
+    with_threads(threads, grad)  # the pool started
+    before, start = thread_cpu_seconds(), time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+        with_threads(threads, grad)
+    after = thread_cpu_seconds()
+    busy = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+    return busy[0], busy[1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc (Linux)")
+def test_weight_gradients_run_on_two_threads():
+    """Two threads each take a good share of the weight gradients' CPU time (one thread: one does).
+    In a process where OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE): by default a
+    thread left without work spins for a while, which would count as a share."""
+    import json
+    import subprocess
+    import sys
+
+    from reference import subprocess_env
+
+    code = "import json, test_threads as t; print(json.dumps([t.weight_gradients_busiest_two(n) for n in (2, 1)]))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env=subprocess_env(OMP_WAIT_POLICY="PASSIVE"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (first, second), (only, other) = json.loads(result.stdout.splitlines()[-1])
+    assert second > 0.5 * first, (first, second)
+    assert other < 0.1 * only, (only, other)
 
 
 class WalksInWorkers(torch.utils.data.Dataset):

@@ -26,7 +26,9 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 
 
 namespace rnn_ext::cpu {
@@ -113,59 +115,133 @@ void gather_sum_rows(
 }
 
 // A product of the weight gradients: out = sum over i of a_i^T b_i, a_i [rows_i, out rows] and b_i
-// [rows_i, out cols] (views).
+// [rows_i, out cols] (views); the rows of all terms, in order, are the product's depth.
 struct TransposedProduct {
   at::Tensor out;
   std::vector<std::pair<at::Tensor, at::Tensor>> terms;
+
+  int64_t depth() const {
+    int64_t rows = 0;
+    for (const auto& term : terms) rows += term.first.size(0);
+    return rows;
+  }
 };
 
-// Each product in fixed blocks of its result (kBlockRows x kBlockCols: large enough that the GEMM's
-// packing of its operands, once per block, stays a few percent of it), each block by ATen's
-// GEMMs on one thread (inside a parallel region of two or more tasks, BLAS runs on its calling
-// thread): the blocks, and so the bits, are the same at every thread count, where one GEMM on
-// several threads may split the depth (thousands of rows) by thread.
+// The weight gradients' tasks are fixed by the shapes alone, so that every thread count gives the
+// same bits (one GEMM on several threads may split the depth by thread):
+// - blocks of each result, kBlockRows x kBlockCols: large enough that a GEMM's packing of its
+//   operands, once per block, stays a few percent of it;
+// - where a layer's results (both of each direction's) give fewer than kWeightTasks blocks
+//   (I = H = 256: 4 a direction, H = 128: 2), the depth (every step's row: thousands) too, in equal
+//   chunks of at least kMinChunkDepth rows, so that 16 to 32 threads have work. A chunk past the
+//   first writes a partial product, added into the result afterwards in chunk order.
+// Each task is ATen's GEMM on one thread (inside a parallel region of two or more threads, BLAS runs
+// on its calling thread).
 constexpr int64_t kBlockRows = 128;
 constexpr int64_t kBlockCols = 256;
-void blocked_products(std::vector<TransposedProduct>& products) {
-  std::vector<std::array<int64_t, 3>> blocks;  // product, first row, first column
-  for (int64_t p = 0; p < static_cast<int64_t>(products.size()); ++p) {
-    for (int64_t r = 0; r < products[p].out.size(0); r += kBlockRows) {
-      for (int64_t c = 0; c < products[p].out.size(1); c += kBlockCols) blocks.push_back({p, r, c});
-    }
-  }
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // on each thread: the operands may require grad
-    for (int64_t i = begin; i < end; ++i) {
-      const auto [p, r, c] = blocks[i];
-      const TransposedProduct& product = products[p];
-      const int64_t rows = std::min(kBlockRows, product.out.size(0) - r);
-      const int64_t cols = std::min(kBlockCols, product.out.size(1) - c);
-      auto out = product.out.narrow(0, r, rows).narrow(1, c, cols);
-      bool first = true;
-      for (const auto& [a, b] : product.terms) {
-        const auto a_block = a.narrow(1, r, rows).t();
-        const auto b_block = b.narrow(1, c, cols);
-        if (first) {
-          at::mm_out(out, a_block, b_block);
-        } else {
-          out.addmm_(a_block, b_block);
-        }
-        first = false;
+constexpr int64_t kWeightTasks = 32;
+constexpr int64_t kMinChunkDepth = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t block_count(const TransposedProduct& product) {
+  return ceil_div(product.out.size(0), kBlockRows) * ceil_div(product.out.size(1), kBlockCols);
+}
+
+// Rows per depth chunk of a product of this depth, when the products have `blocks` blocks in all.
+int64_t chunk_depth(int64_t depth, int64_t blocks) {
+  const int64_t most_chunks = std::max<int64_t>(1, depth / kMinChunkDepth);
+  const int64_t chunks = std::clamp<int64_t>(ceil_div(kWeightTasks, std::max<int64_t>(1, blocks)), 1, most_chunks);
+  return std::max<int64_t>(1, ceil_div(depth, chunks));
+}
+
+// dst [rows, cols] = the sum over depth rows [k0, k1) of product's terms, block (r, c) of its result.
+void block_product(const TransposedProduct& product, int64_t r, int64_t c, int64_t k0, int64_t k1, at::Tensor dst) {
+  bool first = true;
+  int64_t term0 = 0;  // the term's first row, in the product's depth
+  for (const auto& [a, b] : product.terms) {
+    const int64_t begin = std::max(k0, term0), end = std::min(k1, term0 + a.size(0));
+    if (begin < end) {
+      const auto a_block = a.narrow(0, begin - term0, end - begin).narrow(1, r, dst.size(0)).t();
+      const auto b_block = b.narrow(0, begin - term0, end - begin).narrow(1, c, dst.size(1));
+      if (first) {
+        at::mm_out(dst, a_block, b_block);
+      } else {
+        dst.addmm_(a_block, b_block);
       }
+      first = false;
     }
+    term0 += a.size(0);
+  }
+  if (first) dst.zero_();  // no rows at all
+}
+
+// out (contiguous) += partials[0] + partials[1] + ... ([chunks, out's shape], contiguous), each element
+// summed in that order, a range of elements at a time: one pass over each.
+void add_in_chunk_order(at::Tensor& out, const at::Tensor& partials) {
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "rnn_ext_add_in_chunk_order", [&] {
+    scalar_t* sum = out.data_ptr<scalar_t>();
+    const scalar_t* partial = partials.data_ptr<scalar_t>();
+    const int64_t size = out.numel();
+    at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t k = 0; k < partials.size(0); ++k) {
+        for (int64_t i = begin; i < end; ++i) sum[i] += partial[k * size + i];
+      }
+    });
   });
 }
 
-// Direction d's (grad_w_ih, grad_w_hh) from its grad_z_d [rows, H]: grad_z_d^T x and grad_z_d^T
-// h_prev, h_prev gathered (packed and padded batches) or, for a dense batch, read in place: the
-// output B rows earlier (later, in reverse), and hx[d] for the walk's first step. Both products
-// block by block (blocked_products): there are always two, so the blocks run in a parallel region.
-std::pair<at::Tensor, at::Tensor> blocked_weight_products(
+void blocked_products(std::vector<TransposedProduct>& products) {
+  int64_t blocks = 0;
+  for (const auto& product : products) blocks += block_count(product);
+  struct Task {
+    int64_t product, row, col, chunk;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> chunk_rows;  // per product
+  std::vector<at::Tensor> partials;  // per product: [chunks - 1, out rows, out cols], or undefined
+  for (int64_t p = 0; p < static_cast<int64_t>(products.size()); ++p) {
+    const auto& out = products[p].out;
+    const int64_t depth = products[p].depth();
+    chunk_rows.push_back(chunk_depth(depth, blocks));
+    const int64_t chunks = std::max<int64_t>(1, ceil_div(depth, chunk_rows.back()));
+    partials.push_back(chunks > 1 ? at::empty({chunks - 1, out.size(0), out.size(1)}, out.options()) : at::Tensor());
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t r = 0; r < out.size(0); r += kBlockRows) {
+        for (int64_t c = 0; c < out.size(1); c += kBlockCols) tasks.push_back({p, r, c, k});
+      }
+    }
+  }
+  // Tasks differ in size (W_ih's blocks against W_hh's), so the threads claim them one at a time.
+  const int64_t task_count = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, std::min<int64_t>(task_count, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // on each thread: the operands may require grad
+    for (int64_t i = next_task++; i < task_count; i = next_task++) {
+      const Task& task = tasks[i];
+      const TransposedProduct& product = products[task.product];
+      const at::Tensor& whole = task.chunk == 0 ? product.out : partials[task.product][task.chunk - 1];
+      const auto dst = whole.narrow(0, task.row, std::min(kBlockRows, whole.size(0) - task.row))
+                           .narrow(1, task.col, std::min(kBlockCols, whole.size(1) - task.col));
+      const int64_t k0 = task.chunk * chunk_rows[task.product];
+      block_product(product, task.row, task.col, k0, std::min(k0 + chunk_rows[task.product], product.depth()), dst);
+    }
+  });
+  for (size_t p = 0; p < products.size(); ++p) {
+    if (partials[p].defined()) add_in_chunk_order(products[p].out, partials[p]);
+  }
+}
+
+// Direction d's weight-gradient products, grad_w_ih and grad_w_hh, from its grad_z_d [rows, H]:
+// grad_z_d^T x and grad_z_d^T h_prev, h_prev gathered (packed and padded batches) or, for a dense
+// batch, read in place: the output B rows earlier (later, in reverse), and hx[d] for the walk's
+// first step.
+std::array<TransposedProduct, 2> weight_products(
     const at::Tensor& grad_z_d, const at::Tensor& x, const at::Tensor& h_prev, const at::Tensor& output,
     const at::Tensor& hx, int64_t d, const LayerSizes& s) {
   const auto options = grad_z_d.options();
-  std::vector<TransposedProduct> products{{at::empty({s.H, s.I}, options), {{grad_z_d, x}}},
-                                          {at::empty({s.H, s.H}, options), {}}};
+  std::array<TransposedProduct, 2> products{TransposedProduct{at::empty({s.H, s.I}, options), {{grad_z_d, x}}},
+                                            TransposedProduct{at::empty({s.H, s.H}, options), {}}};
   if (h_prev.defined()) {
     products[1].terms.push_back({grad_z_d, h_prev.narrow(1, d * s.H, s.H)});
   } else {
@@ -175,8 +251,7 @@ std::pair<at::Tensor, at::Tensor> blocked_weight_products(
     products[1].terms.push_back({grad_z_d.narrow(0, reverse ? 0 : s.B, later), output_d.narrow(0, reverse ? s.B : 0, later)});
     products[1].terms.push_back({grad_z_d.narrow(0, reverse ? later : 0, s.B), hx[d]});
   }
-  blocked_products(products);
-  return {products[0].out, products[1].out};
+  return products;
 }
 
 Epilogue activation(bool relu) { return relu ? Epilogue::kRelu : Epilogue::kTanh; }
@@ -252,16 +327,23 @@ class CpuBackend {
   }
 
   // The same bits at every thread count: bfloat16 on the bf16 kernels, whose sums run over the rows
-  // in order; float and double in fixed blocks (blocked_weight_products); the bias gradients by
-  // column_sums.
+  // in order; float and double in tasks fixed by the shapes, every direction's at once
+  // (blocked_products); the bias gradients by column_sums.
   std::vector<at::Tensor> weight_grads(
       const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& hx, const at::Tensor& output,
       const at::Tensor& h_prev, const LayerSizes& s) {
     const auto grad_b = s.has_bias ? column_sums(grad_z) : at::Tensor();
     if (grad_z.scalar_type() != at::kBFloat16) {
       const auto x_ = x.contiguous();
+      std::vector<TransposedProduct> products;  // per direction: grad_w_ih, grad_w_hh
+      for (int64_t d = 0; d < s.D; ++d) {
+        for (auto& product : weight_products(grad_z.narrow(1, d * s.H, s.H), x_, h_prev, output, hx, d, s)) {
+          products.push_back(std::move(product));
+        }
+      }
+      blocked_products(products);
       return weight_grads_from(grad_z, s, [&](int64_t d) {
-        return blocked_weight_products(grad_z.narrow(1, d * s.H, s.H), x_, h_prev, output, hx, d, s);
+        return std::pair{products[2 * d].out, products[2 * d + 1].out};
       }, grad_b);
     }
     const auto x_ = x.contiguous();
