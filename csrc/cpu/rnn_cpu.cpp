@@ -142,17 +142,15 @@ constexpr int64_t kBlockCols = 256;
 constexpr int64_t kWeightTasks = 32;
 constexpr int64_t kMinChunkDepth = 256;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 int64_t block_count(const TransposedProduct& product) {
-  return ceil_div(product.out.size(0), kBlockRows) * ceil_div(product.out.size(1), kBlockCols);
+  return at::divup(product.out.size(0), kBlockRows) * at::divup(product.out.size(1), kBlockCols);
 }
 
 // Rows per depth chunk of a product of this depth, when the products have `blocks` blocks in all.
 int64_t chunk_depth(int64_t depth, int64_t blocks) {
   const int64_t most_chunks = std::max<int64_t>(1, depth / kMinChunkDepth);
-  const int64_t chunks = std::clamp<int64_t>(ceil_div(kWeightTasks, std::max<int64_t>(1, blocks)), 1, most_chunks);
-  return std::max<int64_t>(1, ceil_div(depth, chunks));
+  const int64_t chunks = std::clamp<int64_t>(at::divup(kWeightTasks, std::max<int64_t>(1, blocks)), 1, most_chunks);
+  return std::max<int64_t>(1, at::divup(depth, chunks));
 }
 
 // dst [rows, cols] = the sum over depth rows [k0, k1) of product's terms, block (r, c) of its result.
@@ -196,19 +194,20 @@ void blocked_products(std::vector<TransposedProduct>& products) {
   for (const auto& product : products) blocks += block_count(product);
   struct Task {
     int64_t product, row, col, chunk;
+    int64_t first_row, end_row;  // the chunk's rows of the product's depth
   };
   std::vector<Task> tasks;
-  std::vector<int64_t> chunk_rows;  // per product
   std::vector<at::Tensor> partials;  // per product: [chunks - 1, out rows, out cols], or undefined
   for (int64_t p = 0; p < static_cast<int64_t>(products.size()); ++p) {
     const auto& out = products[p].out;
     const int64_t depth = products[p].depth();
-    chunk_rows.push_back(chunk_depth(depth, blocks));
-    const int64_t chunks = std::max<int64_t>(1, ceil_div(depth, chunk_rows.back()));
+    const int64_t rows_per_chunk = chunk_depth(depth, blocks);
+    const int64_t chunks = std::max<int64_t>(1, at::divup(depth, rows_per_chunk));
     partials.push_back(chunks > 1 ? at::empty({chunks - 1, out.size(0), out.size(1)}, out.options()) : at::Tensor());
     for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t first_row = k * rows_per_chunk, end_row = std::min(first_row + rows_per_chunk, depth);
       for (int64_t r = 0; r < out.size(0); r += kBlockRows) {
-        for (int64_t c = 0; c < out.size(1); c += kBlockCols) tasks.push_back({p, r, c, k});
+        for (int64_t c = 0; c < out.size(1); c += kBlockCols) tasks.push_back({p, r, c, k, first_row, end_row});
       }
     }
   }
@@ -223,8 +222,7 @@ void blocked_products(std::vector<TransposedProduct>& products) {
       const at::Tensor& whole = task.chunk == 0 ? product.out : partials[task.product][task.chunk - 1];
       const auto dst = whole.narrow(0, task.row, std::min(kBlockRows, whole.size(0) - task.row))
                            .narrow(1, task.col, std::min(kBlockCols, whole.size(1) - task.col));
-      const int64_t k0 = task.chunk * chunk_rows[task.product];
-      block_product(product, task.row, task.col, k0, std::min(k0 + chunk_rows[task.product], product.depth()), dst);
+      block_product(product, task.row, task.col, task.first_row, task.end_row, dst);
     }
   });
   for (size_t p = 0; p < products.size(); ++p) {
