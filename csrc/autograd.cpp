@@ -1,5 +1,7 @@
-// Autograd of rnn_layer and rnn_cell. rnn_layer's saves input, hx, the weights and the output; the backward calls the
-// rnn_layer_backward op (its own registered op, with a fake kernel, so compiled graphs hold it).
+// Autograd of rnn_layer and rnn_cell. Each saves its output and, of its arguments, only those whose values the
+// gradients asked for read (as nn.RNN saves no more: a weight changed in place after the forward does not stop
+// a backward that does not read it); the backward calls the rnn_layer_backward op (its own registered op, with
+// a fake kernel, so compiled graphs hold it).
 // When the gradients must themselves be differentiable (create_graph=True: double backward,
 // gradient penalties, torch.func), the backward instead differentiates the layer rebuilt from
 // differentiable ATen ops, step by step: slower, but exact to any order, on every device.
@@ -35,9 +37,11 @@ constexpr int kInputArg = 0;
 constexpr int kHxArg = 1;
 constexpr int kFirstWeightArg = 2;
 constexpr int kArgs = kFirstWeightArg + kWeightSlots + 3;
+constexpr int kSlotsPerDirection = kWeightSlots / 2;  // w_ih, w_hh, b_ih, b_hh
 
 // What forward saves, by index: input, hx, output, batch_sizes and lengths (undefined when not
-// given), then the weight slots (undefined where absent).
+// given), then the weight slots (undefined where absent); input and weights only where backward
+// reads their values (RnnLayerFunction::forward).
 constexpr size_t kSavedInput = 0;
 constexpr size_t kSavedHx = 1;
 constexpr size_t kSavedOutput = 2;
@@ -118,6 +122,50 @@ const at::Tensor* present(const OptionalTensor& t) {
   return t.has_value() ? &*t : nullptr;
 }
 
+// The arguments a backward reads only the shapes of, for the gradients asked for: kept by reference
+// beside the saved tensors, out of autograd's version check, which would refuse an in-place change that
+// cannot alter those gradients. The layer's create_graph=True path reads them all (it differentiates
+// the layer again from its arguments), so there it checks the versions they had in the forward itself,
+// as autograd does (with_versions).
+void keep_by_reference(AutogradContext* ctx, std::vector<at::Tensor> kept, bool with_versions) {
+  if (with_versions) {
+    std::vector<int64_t> versions;
+    versions.reserve(kept.size());
+    for (const auto& t : kept) versions.push_back(t.defined() ? t._version() : 0);
+    ctx->saved_data["kept_versions"] = std::move(versions);
+  }
+  ctx->saved_data["kept"] = std::move(kept);
+}
+
+std::vector<at::Tensor> kept_by_reference(AutogradContext* ctx) {
+  return ctx->saved_data["kept"].toTensorVector();
+}
+
+// Refuses, as autograd refuses a modified saved tensor, when a kept argument changed in place since the forward.
+void check_kept_unchanged(AutogradContext* ctx, const std::vector<at::Tensor>& kept, const char* op) {
+  const auto versions = ctx->saved_data["kept_versions"].toIntVector();
+  for (size_t k = 0; k < kept.size(); ++k) {
+    TORCH_CHECK(
+        !kept[k].defined() || kept[k]._version() == versions[k],
+        "one of the variables needed for gradient computation has been modified by an inplace operation: "
+        "argument ", k, " of ", op, " is at version ", kept[k]._version(), "; expected version ", versions[k],
+        " instead. Its first gradients do not read it, but create_graph=True differentiates the op again "
+        "from all of its arguments.");
+  }
+}
+
+// A saved tensor, or where it was not saved (its value is not read), the argument kept by reference.
+const at::Tensor& saved_or_kept(const at::Tensor& saved, const at::Tensor& kept) {
+  return saved.defined() ? saved : kept;
+}
+
+bool any_requires_grad(std::initializer_list<const at::Tensor*> args) {
+  for (const at::Tensor* t : args) {
+    if (t != nullptr && t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 // rnn_layer written with differentiable ATen ops, one step at a time (shapes in rnn.h), walking
 // time through the same StepSchedule as the kernels. A padded batch runs on its real rows only,
 // gathered in step order, and its output is scattered back into the padded layout; its states
@@ -184,13 +232,27 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     auto [output, h_n] = layer_op().call(
         input, hx, w_ih, w_hh, b_ih, b_hh, w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse, batch_sizes, relu,
         lengths);
-    const auto or_undefined = [](const OptionalTensor& t) { return t.value_or(at::Tensor()); };
-    // In the kSaved* order. Absent optional weights are saved as undefined tensors, and take no
-    // autograd edge.
-    ctx->save_for_backward(
-        {input, hx, output, or_undefined(batch_sizes), or_undefined(lengths), w_ih, w_hh, or_undefined(b_ih), or_undefined(b_hh),
-         or_undefined(w_ih_reverse), or_undefined(w_hh_reverse), or_undefined(b_ih_reverse),
-         or_undefined(b_hh_reverse)});
+    // Saved: what the backward reads the values of. The walk of grad_h reads the output and w_hh; the
+    // input's gradient w_ih; the weights' gradients the input and hx (hx also starts the walk). The
+    // biases' gradients are sums of grad_z. Everything else is kept by reference, for its shape.
+    const bool input_grad = input.requires_grad();
+    const bool weight_grad = any_requires_grad({&w_ih, &w_hh, present(b_ih), present(b_hh), present(w_ih_reverse),
+                                                present(w_hh_reverse), present(b_ih_reverse), present(b_hh_reverse)});
+    const OptionalTensor slots[kWeightSlots] = {w_ih,         w_hh,         b_ih,         b_hh,
+                                                w_ih_reverse, w_hh_reverse, b_ih_reverse, b_hh_reverse};
+    std::vector<at::Tensor> saved{weight_grad ? input : at::Tensor(), hx, output, batch_sizes.value_or(at::Tensor()),
+                                  lengths.value_or(at::Tensor())};
+    std::vector<at::Tensor> kept(kArgs - 3);  // input, hx, the weight slots
+    if (!weight_grad) kept[kInputArg] = input;
+    for (int slot = 0; slot < kWeightSlots; ++slot) {
+      const int kind = slot % kSlotsPerDirection;  // w_ih, w_hh, b_ih, b_hh
+      const bool read = kind == 1 || (kind == 0 && input_grad);
+      const at::Tensor weight = slots[slot].value_or(at::Tensor());
+      saved.push_back(read ? weight : at::Tensor());
+      if (!read) kept[kFirstWeightArg + slot] = weight;
+    }
+    ctx->save_for_backward(saved);
+    keep_by_reference(ctx, std::move(kept), /*with_versions=*/true);
     ctx->saved_data["relu"] = relu;
     return {output, h_n};
   }
@@ -198,7 +260,8 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
   // grads: (grad_output, grad_h_n). Returns one gradient per forward argument.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[kSavedInput];
+    const auto kept = kept_by_reference(ctx);
+    const at::Tensor& input = saved_or_kept(saved[kSavedInput], kept[kInputArg]);
     const at::Tensor& hx = saved[kSavedHx];
     const at::Tensor& output = saved[kSavedOutput];
     const at::Tensor& batch_sizes = saved[kSavedBatchSizes];
@@ -210,7 +273,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     std::vector<bool> weight_needed;
     int64_t edge = kFirstWeightArg;
     for (int slot = 0; slot < kWeightSlots; ++slot) {
-      const at::Tensor& weight = saved[kSavedFirstWeight + slot];
+      const at::Tensor& weight = saved_or_kept(saved[kSavedFirstWeight + slot], kept[kFirstWeightArg + slot]);
       if (weight.defined()) {
         weights.push_back(weight);
         weight_arg.push_back(kFirstWeightArg + slot);
@@ -221,6 +284,7 @@ class RnnLayerFunction : public torch::autograd::Function<RnnLayerFunction> {
     const std::array<bool, 3> mask{ctx->needs_input_grad(kInputArg), ctx->needs_input_grad(kHxArg), need_weights};
     const bool relu = ctx->saved_data["relu"].toBool();
     if (at::GradMode::is_enabled()) {  // create_graph=True
+      check_kept_unchanged(ctx, kept, "rnn_ext::rnn_layer");
       return differentiable_backward(
           grads, input, hx, weights, weight_arg, weight_needed, batch_sizes, lengths, relu, mask);
     }
@@ -306,16 +370,28 @@ class RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
       const at::Tensor& w_hh, const OptionalTensor& b_ih, const OptionalTensor& b_hh, bool relu) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto h = cell_op().call(input, hx, w_ih, w_hh, b_ih, b_hh, relu);
-    ctx->save_for_backward({input, hx, h, w_ih, w_hh, b_ih.value_or(at::Tensor()), b_hh.value_or(at::Tensor())});
+    // Saved: what the backward reads the values of (cell_backward): the output always, w_ih for the
+    // input's gradient, w_hh for hx's, the input and hx for the weights'. The rest is kept by reference.
+    const bool weight_grad = any_requires_grad({&w_ih, &w_hh, present(b_ih), present(b_hh)});
+    const bool input_grad = input.requires_grad(), hx_grad = hx.requires_grad();
+    const auto when = [](bool read, const at::Tensor& t) { return read ? t : at::Tensor(); };
+    ctx->save_for_backward(
+        {when(weight_grad, input), when(weight_grad, hx), h, when(input_grad, w_ih), when(hx_grad, w_hh)});
+    keep_by_reference(ctx, {when(!weight_grad, input), when(!weight_grad, hx), when(!input_grad, w_ih),
+                            when(!hx_grad, w_hh), b_ih.value_or(at::Tensor()), b_hh.value_or(at::Tensor())},
+                      /*with_versions=*/false);
     ctx->saved_data["relu"] = relu;
     return {h};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();  // input, hx, h, w_ih, w_hh, b_ih, b_hh
-    const bool has_bias = saved[5].defined();
-    std::vector<at::Tensor> weights{saved[3], saved[4]};
-    if (has_bias) weights.insert(weights.end(), {saved[5], saved[6]});
+    const auto saved = ctx->get_saved_variables();  // input, hx, h, w_ih, w_hh (RnnCellFunction::forward)
+    const auto kept = kept_by_reference(ctx);           // input, hx, w_ih, w_hh, b_ih, b_hh
+    const at::Tensor& input = saved_or_kept(saved[0], kept[0]);
+    const at::Tensor& hx = saved_or_kept(saved[1], kept[1]);
+    const bool has_bias = kept[4].defined();
+    std::vector<at::Tensor> weights{saved_or_kept(saved[3], kept[2]), saved_or_kept(saved[4], kept[3])};
+    if (has_bias) weights.insert(weights.end(), {kept[4], kept[5]});
     std::array<bool, 4> weight_needed{};
     bool need_weights = false;
     for (size_t k = 0; k < weights.size(); ++k) {
@@ -326,14 +402,15 @@ class RnnCellFunction : public torch::autograd::Function<RnnCellFunction> {
     const bool relu = ctx->saved_data["relu"].toBool();
     std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> result;
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      result = cell_backward(grads[0], saved[0], saved[1], weights, relu, saved[2], mask);
+      // Reads only what forward saved for these gradients: nothing kept by reference.
+      result = cell_backward(grads[0], input, hx, weights, relu, saved[2], mask);
     } else {
       static const auto op = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("rnn_ext::rnn_cell_backward", "")
                                  .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(
                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, bool,
                                      const at::Tensor&, std::array<bool, 3>)>();
-      result = op.call(grads[0], saved[0], saved[1], weights, relu, saved[2], mask);
+      result = op.call(grads[0], input, hx, weights, relu, saved[2], mask);
     }
     auto& [grad_input, grad_hx, grad_weights] = result;
     variable_list grad_args(kArgs);  // relu gets none
