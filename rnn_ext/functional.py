@@ -124,9 +124,25 @@ def rnn(
     h_n = h_n[0] if num_layers == 1 else torch.cat(h_n, 0)
 
     if batch_sizes is not None:
-        return x, h_n
-    output = x.view(seq_len, batch, directions * hidden)
-    return (output.transpose(0, 1) if batch_first else output), h_n
+        return _handed_out(x), h_n
+    return _handed_out(x, (seq_len, batch, directions * hidden), batch_first), h_n
+
+
+def _handed_out(x, size=None, batch_first=False):
+    """The last layer's output x ``[N, D*H]`` as the caller gets it: viewed as ``size`` ``(L, B,
+    D*H)`` and, if batch_first, transposed (None: packed, as it is). Where autograd records the
+    layer, a copy, a tensor of its own as nn.RNN's output is: in-place changes to it (even through
+    ``.data``) cannot alter the states the backward reads, and it is not a view (``detach_()``
+    works). Outside autograd nothing reads the states again, and the view costs no copy; so does
+    torch.jit.trace's graph, which must be one whichever grad mode checks the trace."""
+    output = x
+    if size is not None:
+        output = x.view(size)
+        if batch_first:
+            output = output.transpose(0, 1)
+    if x.requires_grad and not torch.jit.is_tracing():
+        return output.clone()
+    return output
 
 
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):

@@ -1,29 +1,56 @@
 """``rnn_ext.RNN`` and ``rnn_ext.RNNCell``: drop-ins for ``torch.nn.RNN`` and ``torch.nn.RNNCell``
 running on rnn_ext's kernels."""
-import math
-import numbers
-import warnings
-
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import onnx_export, ops
-from .functional import rnn, uses_relu
+from .functional import rnn
 
 
-def _check_type(value, kind, name):
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+_Proxy = torch.fx.Proxy
 
 
-# Not a subclass of nn.RNN: dynamo refuses to trace nn.RNN instances (and their subclasses), so
-# torch.compile(fullgraph=True) would break; the nn.RNN contract is reproduced here instead.
-class RNN(nn.Module):
+def _fx_proxies(input, hx):
+    """Whether torch.fx.symbolic_trace is tracing this call (its arguments are Proxies). Two plain
+    isinstance checks: a generator here would cost as much as a small cell step's arithmetic."""
+    return isinstance(input, _Proxy) or isinstance(hx, _Proxy)
+
+
+def _fx_leaf_call(module, *args, **kwargs):
+    """The call as symbolic_trace records torch.nn's modules: one ``call_module`` node (a leaf), run by
+    the module itself in the GraphModule. symbolic_trace traces into the forward of modules from
+    outside torch.nn, where the checks on sizes and types cannot run on Proxies."""
+    tracer = next(a.tracer for a in args if isinstance(a, _Proxy))
+    path = tracer.path_of_module(module)
+    if not path:
+        raise torch.fx.proxy.TraceError(
+            f"symbolic_trace of rnn_ext.{type(module).__name__} itself: trace a module that holds it (it is "
+            f"recorded there as one call, as torch.nn's modules are)"
+        )
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    return tracer.create_proxy("call_module", path, args, kwargs)
+
+
+def _refuse_torchscript(module):
+    raise RuntimeError(
+        f"rnn_ext.{type(module).__name__} does not support TorchScript (torch.jit.script): its forward calls "
+        f"rnn_ext's compiled ops through Python. torch.export.export and torch.jit.trace record those ops; use "
+        f"either to get a graph of the model"
+    )
+
+
+class RNN(nn.RNN):
     """Multi-layer Elman RNN, ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
 
-    Same constructor, attributes, parameters, ``state_dict``, inputs and outputs as
-    :class:`torch.nn.RNN` (including PackedSequence), computed by rnn_ext's compiled kernels.
+    An :class:`torch.nn.RNN` (``isinstance`` holds, and its constructor, attributes, parameters,
+    ``_flat_weights``, ``state_dict``, pickling and checks are nn.RNN's own) whose forward runs on
+    rnn_ext's compiled kernels, with the same inputs and outputs (PackedSequence included) and an
+    optional ``lengths=``.
+
+    Like nn.RNN, torch.compile breaks the graph at this module (dynamo refuses every nn.RNN);
+    ``torch._dynamo.config.allow_rnn = True`` lets it trace the forward, which then compiles whole
+    (``fullgraph=True``).
     """
 
     def __init__(
@@ -40,124 +67,43 @@ class RNN(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        if proj_size != 0:  # accepted (as 0) for code that builds LSTMs, GRUs and RNNs alike
+        # proj_size sits where nn.RNNBase has it; nn.RNN refuses it even as 0, rnn_ext accepts 0 for
+        # code that builds LSTMs, GRUs and RNNs alike.
+        if proj_size != 0:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        uses_relu(nonlinearity)  # raises ValueError for an unknown name, as nn.RNN does
-        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
-                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                stacklevel=2,
-            )
-        _check_type(bias, bool, "bias")
-        _check_type(batch_first, bool, "batch_first")
-        _check_type(input_size, int, "input_size")
-        if input_size <= 0:
-            raise ValueError("input_size must be greater than zero")
-        _check_type(hidden_size, int, "hidden_size")
-        if hidden_size <= 0:
-            raise ValueError("hidden_size must be greater than zero")
-        if num_layers <= 0:
-            raise ValueError("num_layers must be greater than zero")
-
-        self.nonlinearity = nonlinearity
-        self.mode = "RNN_RELU" if nonlinearity == "relu" else "RNN_TANH"
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bias = bias
-        self.batch_first = batch_first
-        self.dropout = float(dropout)
-        self.bidirectional = bidirectional
-        self.proj_size = 0
-
-        factory = {"device": device, "dtype": dtype}
-        directions = 2 if bidirectional else 1
-        self._flat_weights_names = []
-        self._all_weights = []
-        for layer in range(num_layers):
-            layer_input_size = input_size if layer == 0 else hidden_size * directions
-            for direction in range(directions):
-                suffix = "_reverse" if direction == 1 else ""
-                shapes = [("weight_ih", (hidden_size, layer_input_size)), ("weight_hh", (hidden_size, hidden_size))]
-                if bias:
-                    shapes += [("bias_ih", (hidden_size,)), ("bias_hh", (hidden_size,))]
-                names = []
-                for kind, shape in shapes:
-                    name = f"{kind}_l{layer}{suffix}"
-                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
-                    names.append(name)
-                self._flat_weights_names.extend(names)
-                self._all_weights.append(names)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
-
-    @property
-    def _flat_weights(self):
-        return [getattr(self, name) for name in self._flat_weights_names]
-
-    @property
-    def all_weights(self):
-        return [[getattr(self, name) for name in names] for names in self._all_weights]
+        super().__init__(
+            input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, bidirectional,
+            device=device, dtype=dtype,
+        )
 
     def flatten_parameters(self):
-        """Kept for nn.RNN compatibility; the kernels read the parameters as they are."""
+        """Kept for nn.RNN compatibility; the kernels read the parameters as they are (nn.RNN's
+        copies them into one cuDNN buffer)."""
 
-    def extra_repr(self):
-        s = "{input_size}, {hidden_size}"
-        if self.num_layers != 1:
-            s += ", num_layers={num_layers}"
-        if self.bias is not True:
-            s += ", bias={bias}"
-        if self.batch_first is not False:
-            s += ", batch_first={batch_first}"
-        if self.dropout != 0:
-            s += ", dropout={dropout}"
-        if self.bidirectional is not False:
-            s += ", bidirectional={bidirectional}"
-        return s.format(**self.__dict__)
+    def __prepare_scriptable__(self):
+        _refuse_torchscript(self)
 
-    # -- input checks, with nn.RNN's exception types and messages -------------------------------
-
-    def check_input(self, input, batch_sizes):
-        weight_dtype = self.weight_ih_l0.dtype
-        if input.dtype != weight_dtype and not torch.is_autocast_enabled(input.device.type):
-            raise ValueError(
-                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight_dtype}). "
-                f"Convert input: input.to({weight_dtype}), or convert model: model.to({input.dtype})"
-            )
-        expected_dim = 2 if batch_sizes is not None else 3
-        if input.dim() != expected_dim:
-            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
-        if self.input_size != input.size(-1):
-            raise RuntimeError(
-                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}"
-            )
-
-    def get_expected_hidden_size(self, input, batch_sizes):
-        if batch_sizes is not None:
-            batch = int(batch_sizes[0])
-        else:
-            batch = input.size(0) if self.batch_first else input.size(1)
-        directions = 2 if self.bidirectional else 1
-        return (self.num_layers * directions, batch, self.hidden_size)
-
-    def check_hidden_size(self, hx, expected, msg="Expected hidden size {}, got {}"):
-        if hx.size() != expected:
-            raise RuntimeError(msg.format(expected, list(hx.size())))
-
-    def check_forward_args(self, input, hidden, batch_sizes):
-        self.check_input(input, batch_sizes)
-        self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+    def _weights_now(self):
+        """``_flat_weights`` as nn.RNN's forward refreshes it (``_update_flat_weights``: a weight replaced
+        without ``__setattr__``, by a parametrization or ``functional_call``, is picked up; a list assigned
+        to ``_flat_weights`` is used as it is), reading ``_parameters`` first, the quick way. A weight
+        that is gone (``del rnn.bias_ih_l0``) raises AttributeError naming it, where nn.RNN would run on
+        the stale tensor."""
+        params = self._parameters
+        changed = False
+        for name, ref in zip(self._flat_weights_names, self._flat_weight_refs):
+            weight = params.get(name)
+            if weight is None:
+                weight = getattr(self, name, None)
+                if weight is None:
+                    raise AttributeError(
+                        f"'{type(self).__name__}' object has no attribute '{name}': forward needs every weight "
+                        f"in _flat_weights_names; set it again (a Parameter or a tensor) after deleting it"
+                    )
+            changed = changed or (ref is not None and ref() is not weight)
+        if changed:
+            self._init_flat_weights()
+        return self._flat_weights
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -165,7 +111,7 @@ class RNN(nn.Module):
         return rnn(
             input,
             hx,
-            self._flat_weights,
+            self._weights_now(),
             num_layers=self.num_layers,
             nonlinearity=self.nonlinearity,
             bias=self.bias,
@@ -193,6 +139,8 @@ class RNN(nn.Module):
         row's length, and h_n holds each row's state after its last step. A row of length 0 (which
         nn.RNN cannot take) gives zero output and h_n = hx.
         """
+        if _fx_proxies(input, hx):
+            return _fx_leaf_call(self, input, hx, lengths=lengths)
         if isinstance(input, PackedSequence):
             if onnx_export.exporting_to_onnx():  # before torch.export fails on batch_sizes' values
                 onnx_export.refuse_packed_sequence()
@@ -243,24 +191,21 @@ class RNN(nn.Module):
 _CELL_ACTIVATIONS = {"tanh": False, "relu": True}
 
 
-# A subclass of nn.RNNCellBase, as nn.RNNCell is (dynamo traces cells, unlike nn.RNN): the same
-# constructor, parameters, init, extra_repr and state_dict come with it.
-class RNNCell(nn.RNNCellBase):
+class RNNCell(nn.RNNCell):
     """An Elman RNN cell, ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)``: one step, for loops of your own.
 
-    Same constructor, attributes, parameters, ``state_dict``, inputs and outputs as
-    :class:`torch.nn.RNNCell`; the step (both products, the biases and the activation) is one call
-    of rnn_ext's fused op, and its backward one autograd node.
+    An :class:`torch.nn.RNNCell` (its constructor, attributes, parameters, init and ``state_dict``)
+    whose step (both products, the biases and the activation) is one call of rnn_ext's fused op, and
+    its backward one autograd node.
     """
 
-    __constants__ = ["input_size", "hidden_size", "bias", "nonlinearity"]
-
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
-        self.nonlinearity = nonlinearity
+    def __prepare_scriptable__(self):
+        _refuse_torchscript(self)
 
     def forward(self, input, hx=None):
         """input ``[B, I]`` or ``[I]``; hx ``[B, H]`` or ``[H]`` (None: zeros). Returns h' ``[B, H]`` or ``[H]``."""
+        if _fx_proxies(input, hx):
+            return _fx_leaf_call(self, input, hx)
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None and hx.dim() not in (1, 2):

@@ -1,5 +1,5 @@
-"""Python side of the compiled ops: fake kernels for tracing (autograd is in csrc/autograd.cpp,
-vmap rules in rnn_ext/batching.py).
+"""Python side of the compiled ops: fake kernels for tracing and FLOP formulas for FlopCounterMode
+(autograd is in csrc/autograd.cpp, vmap rules in rnn_ext/batching.py).
 
 ``torch.ops.rnn_ext.rnn_layer`` runs one layer (every direction) of the recurrence; shapes are
 documented in ``csrc/rnn.h``:
@@ -9,7 +9,7 @@ documented in ``csrc/rnn.h``:
     w_ih [H, I], w_hh [H, H], b_ih [H]?, b_hh [H]?, then the same four ``*_reverse`` when D == 2
     batch_sizes  [T] int64 CPU tensor (a packed batch), or None
     relu         bool (else tanh)
-    lengths      [B] int64 CPU tensor, sorted longest first (a padded batch), or None
+    lengths      [B] int64 CPU tensor, in any order (a padded batch), or None
     -> output    [N, D*H] (zero on padding),   h_n [D, B, H]
 
 ``torch.ops.rnn_ext.rnn_cell`` runs one step on its own, nn.RNNCell's (``rnn_cell_backward`` is its
@@ -25,6 +25,8 @@ The layer op takes its weights in WEIGHT_SLOTS optional slots, not as a list: it
 it takes the weights as nn.RNN's flat list.
 """
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _C  # noqa: F401  (importing the extension registers the ops)
 from . import onnx_export
@@ -130,3 +132,65 @@ def _rnn_cell_backward_fake(grad_h, input, hx, weights, relu, output, output_mas
     grad_hx = hx.new_empty(hx.shape if output_mask[1] else (0,))
     grad_weights = [w.new_empty(w.shape) for w in weights] if output_mask[2] else []
     return grad_input, grad_hx, grad_weights
+
+
+# -- FLOP formulas, for torch.utils.flop_counter.FlopCounterMode: the multiply-adds nn.RNN's (and
+# nn.RNNCell's) matrix products count for the same work, 2 FLOPs each; biases and activations, which
+# FlopCounterMode does not count for nn.RNN, are left out here too.
+
+
+def _has_values(t):
+    return not isinstance(t, FakeTensor) and t.device.type != "meta"
+
+
+def _layer_rows(input, hx, batch_sizes, lengths):
+    """(rows the layer's steps own, rows of the forward walk's first step, rows of the reverse
+    walk's first step: the last step's). Under fake tensors a padded batch counts every row, its
+    lengths being unknown."""
+    batch = hx.shape[1]
+    if lengths is not None and _has_values(lengths):
+        values = lengths.tolist()
+        longest = max(values, default=0)
+        return sum(values), sum(1 for n in values if n > 0), sum(1 for n in values if n == longest > 0)
+    if batch_sizes is not None and _has_values(batch_sizes):
+        sizes = batch_sizes.tolist()
+        return sum(sizes), sizes[0] if sizes else 0, sizes[-1] if sizes else 0
+    started = batch if input.shape[0] > 0 else 0
+    return input.shape[0], started, started
+
+
+@register_flop_formula(torch.ops.rnn_ext.rnn_layer, get_raw=True)
+def _rnn_layer_flop(input, hx, *args, out_val=None, **kwargs):
+    # Python dispatch drops trailing arguments left at their defaults (lengths=None).
+    rest = args[WEIGHT_SLOTS:]
+    batch_sizes = rest[0] if rest else kwargs.get("batch_sizes")
+    lengths = rest[2] if len(rest) > 2 else kwargs.get("lengths")
+    directions, hidden, input_size = hx.shape[0], hx.shape[2], input.shape[1]
+    rows, _, _ = _layer_rows(input, hx, batch_sizes, lengths)
+    return directions * 2 * rows * hidden * (input_size + hidden)
+
+
+@register_flop_formula(torch.ops.rnn_ext.rnn_layer_backward, get_raw=True)
+def _rnn_layer_backward_flop(grad_output, grad_h_n, input, hx, weights, batch_sizes, relu, output, output_mask,
+                             lengths=None, out_val=None, **kwargs):
+    directions, hidden, input_size = hx.shape[0], hx.shape[2], input.shape[1]
+    rows, *first_step_rows = _layer_rows(input, hx, batch_sizes, lengths)
+    grad_input, grad_hx, grad_weights = output_mask
+    # grad_h through w_hh at every row, but for a walk's first step when hx needs no gradient: there
+    # nn.RNN multiplies by hx alone (rows starting later share a product with rows carried on).
+    walk = sum(rows - (0 if grad_hx else first_step_rows[d]) for d in range(directions)) * hidden * hidden
+    products = rows * hidden * (input_size * (int(grad_input) + int(grad_weights)) + hidden * int(grad_weights))
+    return 2 * (walk + directions * products)
+
+
+@register_flop_formula(torch.ops.rnn_ext.rnn_cell, get_raw=True)
+def _rnn_cell_flop(input, hx, w_ih, w_hh, *args, out_val=None, **kwargs):
+    return 2 * input.shape[0] * w_hh.shape[0] * (w_ih.shape[1] + w_hh.shape[1])
+
+
+@register_flop_formula(torch.ops.rnn_ext.rnn_cell_backward, get_raw=True)
+def _rnn_cell_backward_flop(grad_h, input, hx, weights, relu, output, output_mask, out_val=None, **kwargs):
+    batch, input_size, hidden = input.shape[0], input.shape[1], hx.shape[1]
+    grad_input, grad_hx, grad_weights = output_mask
+    products = input_size * (int(grad_input) + int(grad_weights)) + hidden * (int(grad_hx) + int(grad_weights))
+    return 2 * batch * hidden * products

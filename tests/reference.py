@@ -46,6 +46,12 @@ def reference_rnn(x, hx, weights, *, num_layers, nonlinearity="tanh", bias=True,
     return layer_input, torch.stack(h_n, 0)
 
 
+def allow_rnn():
+    """dynamo refuses every nn.RNN, rnn_ext.RNN included, unless this switch lets it trace the
+    forward (rnn_ext.RNN's then compiles whole): for the tests that compile it with fullgraph=True."""
+    return torch._dynamo.config.patch(allow_rnn=True)
+
+
 def make_pair(input_size, hidden_size, dtype=torch.float64, device="cpu", **kwargs):
     """(rnn_ext.RNN, torch.nn.RNN) on device with identical weights. Both are built on the CPU,
     so a seed of the global generator gives the same weights on every device, and then moved."""

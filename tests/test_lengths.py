@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_ext
 from rnn_ext import ops
-from reference import assert_as_accurate_as, make_pair, pipeline, randn, reference_rnn, run_and_grads
+from reference import allow_rnn, assert_as_accurate_as, make_pair, pipeline, randn, reference_rnn, run_and_grads
 
 LENGTHS = {
     "unsorted": [3, 7, 1, 5],
@@ -248,6 +248,7 @@ class PaddedModel(torch.nn.Module):
         return output, h_n
 
 
+@allow_rnn()
 def test_compile_fullgraph_does_not_recompile_per_lengths():
     torch.manual_seed(10)
     model = PaddedModel()
@@ -267,6 +268,7 @@ def test_compile_fullgraph_does_not_recompile_per_lengths():
     torch.testing.assert_close(out, model(x, torch.tensor([2, 5, 1]))[0])
 
 
+@allow_rnn()
 def test_compiled_bad_lengths_still_raise():
     model = PaddedModel()
     compiled = torch.compile(model, backend="eager", fullgraph=True)

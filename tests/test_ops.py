@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import rnn_ext
-from reference import randn
+from reference import allow_rnn, randn
 from rnn_ext import ops
 
 
@@ -136,6 +136,7 @@ def make_model_and_input(batch_first=True, bidirectional=True, device="cpu"):
 
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidir", "unidir"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@allow_rnn()
 def test_torch_compile_fullgraph_matches_eager(backend, bidirectional, device):
     model, x, hx = make_model_and_input(bidirectional=bidirectional, device=device)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
@@ -148,13 +149,19 @@ def test_torch_compile_fullgraph_matches_eager(backend, bidirectional, device):
     torch.testing.assert_close(grads, ref_grads)
 
 
-def test_nn_rnn_cannot_compile_fullgraph_but_we_can():
-    """The reason fullgraph matters: dynamo refuses nn.RNN (checked, so this stays true)."""
-    model = torch.nn.RNN(3, 5)
-    x = torch.randn(4, 2, 3)
+@pytest.mark.parametrize("module", [torch.nn.RNN, rnn_ext.RNN], ids=["nn.RNN", "rnn_ext.RNN"])
+def test_dynamo_treats_rnn_ext_rnn_as_nn_rnn(module):
+    """dynamo refuses every nn.RNN by default (fullgraph=True raises; without it the graph breaks
+    there and the module runs eagerly); torch._dynamo.config.allow_rnn lets it trace rnn_ext's."""
+    torch.manual_seed(0)
+    model = module(3, 5)
+    x = torch.randn(4, 2, 3, requires_grad=True)
     torch._dynamo.reset()
-    with pytest.raises(Exception):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN"):
         torch.compile(model, fullgraph=True, backend="eager")(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x)[0].tanh() * 2, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x)[0].tanh() * 2)
 
 
 def test_torch_export(device):
