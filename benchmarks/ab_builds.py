@@ -1,14 +1,14 @@
 """Plain-autograd speed of two or more builds of rnn_ext, side by side: a regression check.
 
     python benchmarks/ab_builds.py before=/path/to/old/checkout after=. [--rounds 8] [--markdown FILE]
-        [--threads 2] [--shapes small|large|all]
+        [--threads 2] [--shapes small|large|all] [--inference]
 
 Each NAME=PATH is a directory holding a built ``rnn_ext`` package (a checkout built in place, or
 a copy of one). Every round runs one fresh process per build, in rotating order, with --threads
 threads (default 1); a process times forward+backward of the shapes (small: where fixed per-call
 costs show most; large: where the kernels and the threads do) and reports, per shape, the best of
 15 samples of at least 50 ms (large shapes: 5 samples). The table gives each build's median over
-rounds, and its ratio to the first build.
+rounds, and its ratio to the first build. --inference times the forward alone, under torch.no_grad().
 """
 import argparse
 import gc
@@ -46,8 +46,9 @@ def label(shape):
     return ",".join(map(str, shape))
 
 
-def training_step(shape):
-    """A closure running forward and backward once on the given shape."""
+def training_step(shape, inference=False):
+    """A closure running forward and backward once on the given shape (inference: the forward alone,
+    under torch.no_grad())."""
     import torch
     from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -58,11 +59,18 @@ def training_step(shape):
     if kind == "cell":
         cell = rnn_ext.RNNCell(input_size, hidden)
         x, h = torch.randn(batch, input_size, requires_grad=True), torch.randn(batch, hidden)
+        if inference:
+            return torch.no_grad()(lambda: cell(x, h))
         return lambda: cell(x, h).sum().backward()
     rnn = rnn_ext.RNN(input_size, hidden, layers, bidirectional=bidirectional)
     x = torch.randn(steps, batch, input_size, requires_grad=True)
     lengths = torch.randint(1, steps + 1, (batch,))
     lengths[0] = steps
+
+    def forward():
+        if kind == "packed":
+            return rnn(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        return rnn(x, lengths=lengths) if kind == "lengths" else rnn(x)
 
     def step():
         if kind == "packed":
@@ -73,7 +81,7 @@ def training_step(shape):
             output = rnn(x)[0]
         output.sum().backward()
 
-    return step
+    return torch.no_grad()(forward) if inference else step
 
 
 def best_time(step, samples=15, min_time=0.05):
@@ -104,7 +112,9 @@ def worker():
         sys.exit(f"{expected} holds no built rnn_ext: {rnn_ext.__file__} was loaded instead")
     torch.set_num_threads(int(os.environ["AB_THREADS"]))
     shapes = SHAPE_SETS[os.environ["AB_SHAPES"]]
-    print(json.dumps({label(shape): best_time(training_step(shape), samples=15 if shape in SMALL_SHAPES else 5) * 1e6
+    inference = os.environ["AB_INFERENCE"] == "1"
+    print(json.dumps({label(shape): best_time(training_step(shape, inference),
+                                              samples=15 if shape in SMALL_SHAPES else 5) * 1e6
                       for shape in shapes}))
 
 
@@ -115,6 +125,7 @@ def main():
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each process (default: 1)")
     parser.add_argument("--shapes", choices=list(SHAPE_SETS), default="small")
+    parser.add_argument("--inference", action="store_true", help="time the forward alone, under torch.no_grad()")
     args = parser.parse_args()
     builds = dict(b.split("=", 1) for b in args.builds)
     if len(builds) < 2 or not all(os.path.isdir(os.path.join(p, "rnn_ext")) for p in builds.values()):
@@ -124,7 +135,7 @@ def main():
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             env = dict(os.environ, PYTHONPATH=os.path.abspath(builds[name]), OMP_NUM_THREADS=str(args.threads),
-                       AB_THREADS=str(args.threads), AB_SHAPES=args.shapes)
+                       AB_THREADS=str(args.threads), AB_SHAPES=args.shapes, AB_INFERENCE=str(int(args.inference)))
             done = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
                                   check=True)
             times[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
