@@ -152,12 +152,14 @@ def test_torch_compile_fullgraph_matches_eager(backend, bidirectional, device):
 @pytest.mark.parametrize("module", [torch.nn.RNN, rnn_ext.RNN], ids=["nn.RNN", "rnn_ext.RNN"])
 def test_dynamo_treats_rnn_ext_rnn_as_nn_rnn(module):
     """dynamo refuses every nn.RNN by default (fullgraph=True raises; without it the graph breaks
-    there and the module runs eagerly); torch._dynamo.config.allow_rnn lets it trace rnn_ext's."""
+    there and the module runs eagerly); torch._dynamo.config.allow_rnn lets it trace rnn_ext's.
+    (The message differs by torch release: "Attempted to wrap RNN" on 2.14, a delayed graph break
+    on the module's first attribute on 2.15.)"""
     torch.manual_seed(0)
     model = module(3, 5)
     x = torch.randn(4, 2, 3, requires_grad=True)
     torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN"):
+    with pytest.raises(torch._dynamo.exc.Unsupported):
         torch.compile(model, fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: model(x)[0].tanh() * 2, backend="aot_eager")
